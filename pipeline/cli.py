@@ -1,0 +1,184 @@
+"""Command line: `unlearnable protect | demo | embed | status`. Wiring only: arguments -> config ->
+stages."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from pipeline.config import ConfigError, PipelineConfig, load_config
+
+PACKAGE_ROOT = Path(__file__).resolve().parent
+DEMO_CONFIG = PACKAGE_ROOT.parent / "configs" / "demo.yaml"
+
+
+def _config(args: argparse.Namespace) -> PipelineConfig:
+    overrides = list(args.set or [])
+    if getattr(args, "input", None):
+        overrides.append(f"io.input={args.input}")
+    if getattr(args, "output", None):
+        overrides.append(f"io.output={args.output}")
+    if getattr(args, "overwrite", False):
+        overrides.append("io.overwrite=true")
+    cfg = load_config(args.config, overrides)
+    if not cfg.io.input or not cfg.io.output:
+        raise ConfigError("io.input and io.output are required (config file, --input/--output or --set)")
+    return cfg
+
+
+def print_summary(summary, stream=sys.stdout) -> None:  # noqa: ANN001  (RunSummary; keeps cli import-light)
+    total = summary.all_outputs
+    run = summary.this_run
+    lines = [
+        "",
+        "| totals            | this run | all outputs |",
+        "|-------------------|---------:|------------:|",
+        f"| shards            | {summary.processed_shards:8d} | {total.shards:11d} |",
+        f"| items             | {run.items:8d} | {total.items:11d} |",
+        f"| ok                | {run.ok:8d} | {total.ok:11d} |",
+        f"| error             | {run.error:8d} | {total.error:11d} |",
+        f"|  passthrough      | {run.passthrough:8d} | {total.passthrough:11d} |",
+        f"|  dropped          | {run.dropped:8d} | {total.dropped:11d} |",
+        f"| windows           | {run.windows:8d} | {total.windows:11d} |",
+        f"| audio (s)         | {run.audio_seconds:8.1f} | {total.audio_seconds:11.1f} |",
+        f"| Δe mean           | {run.delta_e_mean:8.3f} | {total.delta_e_mean:11.3f} |",
+        f"| items Δe < target | {run.delta_e_below_target:8d} | {total.delta_e_below_target:11d} |",
+        "",
+        f"skipped (already complete): {summary.skipped_shards} shard(s); wall {summary.wall_seconds:.1f} s",
+    ]
+    if total.errors:
+        lines.append("errors by kind: " + ", ".join(f"{k}: {v}" for k, v in sorted(total.errors.items())))
+    if summary.random_encoder:
+        lines.append("NOTE: random CLAP weights were used: these Δe figures show the machinery runs, nothing more.")
+    print("\n".join(lines), file=stream, flush=True)
+
+
+def cmd_protect(args: argparse.Namespace) -> int:
+    from pipeline.stages.pipeline import run  # noqa: PLC0415  (imports ray)
+
+    cfg = _config(args)
+    summary = run(cfg)
+    print_summary(summary)
+    print(f"outputs: {cfg.io.output}  (<shard>.tar, <shard>.parquet, <shard>.stats.json)")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from pipeline.demo import write_demo_catalog  # noqa: PLC0415
+    from pipeline.stages.pipeline import run  # noqa: PLC0415
+
+    workdir = Path(args.workdir).resolve()
+    catalog = workdir / "catalog"
+    output = workdir / "protected"
+    paths = write_demo_catalog(catalog)
+    print(f"demo catalog: {len(paths)} shard(s) of synthetic music in {catalog}")
+    overrides = [f"io.input={catalog}", f"io.output={output}", *(args.set or [])]
+    if args.overwrite:
+        overrides.append("io.overwrite=true")
+    cfg = load_config(args.config or DEMO_CONFIG, overrides)
+    summary = run(cfg)
+    print_summary(summary)
+    print(f"protected shards and manifests: {output}")
+    print(f"inspect: python -c \"import pyarrow.parquet as pq; print(pq.read_table('{output}/shard-000000.parquet').to_pandas())\"")
+    return 0
+
+
+def cmd_embed(args: argparse.Namespace) -> int:
+    import numpy as np  # noqa: PLC0415
+    import torch  # noqa: PLC0415
+
+    from pipeline.audio import decode  # noqa: PLC0415
+    from pipeline.encoder import ClapView, load_encoder  # noqa: PLC0415
+
+    decoded = decode(Path(args.input).read_bytes(), min_seconds=0.0)
+    encoder = load_encoder(args.checkpoint, args.amodel, sha256=args.sha256, device=args.device)
+    window = decoded.samples[: int(round(10.0 * decoded.sample_rate))]  # first 10 s
+    x = torch.from_numpy(np.ascontiguousarray(window.T))[None].to(encoder.device)  # [1, channels, samples]
+    view = ClapView(decoded.sample_rate).to(encoder.device)
+    with torch.no_grad():
+        embedding = encoder.model(view(x, torch.tensor([window.shape[0]], device=encoder.device)))[0]
+    vector = embedding.float().cpu().numpy().astype(np.float32)
+    np.save(args.out, vector)
+    print(f"{args.out}: float32 [{vector.shape[0]}], norm {np.linalg.norm(vector):.6f}, encoder {encoder.encoder_id}")
+    if encoder.is_random:
+        print("NOTE: random CLAP weights: this embedding means nothing.", file=sys.stderr)
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from pipeline.manifest import merge_stats  # noqa: PLC0415
+    from pipeline.stages.pipeline import plan  # noqa: PLC0415
+
+    cfg = _config(args)
+    run_plan = plan(cfg)
+    from pipeline.shards import OutputFolder  # noqa: PLC0415
+
+    total = merge_stats(OutputFolder(cfg.io.output, cfg.io.storage.storage_options()))
+    print(f"shards: {len(run_plan.shards)} total, {len(run_plan.skipped)} complete, {len(run_plan.pending)} pending")
+    print(f"items: {total.items} (ok {total.ok}, error {total.error}); Δe mean {total.delta_e_mean:.3f}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="unlearnable", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def job_args(p: argparse.ArgumentParser, config_required: bool) -> None:
+        p.add_argument("--config", required=config_required, help="YAML config file")
+        p.add_argument("--input", help="input shards: folder, s3://bucket/prefix/, glob or {a..b} list")
+        p.add_argument("--output", help="output folder or s3://bucket/prefix/")
+        p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override, e.g. attack.steps=20")
+        p.add_argument("--overwrite", action="store_true", help="redo shards that already have a marker")
+
+    p = sub.add_parser("protect", help="protect a catalog of WebDataset shards")
+    job_args(p, config_required=True)
+    p.set_defaults(func=cmd_protect)
+
+    p = sub.add_parser("status", help="count complete and pending shards of a run")
+    job_args(p, config_required=True)
+    p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("demo", help="generate a synthetic catalog and protect it (random encoder)")
+    p.add_argument("--workdir", default="demo-output", help="where the catalog and outputs go")
+    p.add_argument("--config", help=f"config (default {DEMO_CONFIG})")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("embed", help="CLAP embedding of the first 10 s of an audio file")
+    p.add_argument("input", help="audio file")
+    p.add_argument("--checkpoint", required=True, help="random:HTSAT-tiny:0 | path | s3:// | https:// | hf://")
+    p.add_argument("--amodel", default="HTSAT-base", choices=["HTSAT-tiny", "HTSAT-base"])
+    p.add_argument("--sha256", help="pin the checkpoint file")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--out", required=True, help="output .npy (float32 [512])")
+    p.set_defaults(func=cmd_embed)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        return int(args.func(args) or 0)
+    except ConfigError as exc:
+        print(f"config error: {exc}", file=sys.stderr)
+        return 2
+    except Exception as exc:  # the CLI's last word: one clear line, the traceback with -v
+        from pipeline.encoder import CheckpointError  # noqa: PLC0415
+        from pipeline.shards import ShardError  # noqa: PLC0415
+
+        if isinstance(exc, (CheckpointError, ShardError, FileNotFoundError)) and not args.verbose:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

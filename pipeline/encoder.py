@@ -1,0 +1,301 @@
+"""Frozen CLAP audio encoder built from laion-clap's own HTSAT branch and audio projection, its
+checkpoint loading (any fsspec URL or hf://, sha256 pin, weights_only), and the differentiable
+48 kHz mono view CLAP takes of a track window.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+CLAP_RATE = 48_000  # Hz
+CLAP_SAMPLES = 480_000  # one 10 s window at 48 kHz
+EMBED_DIM = 512
+AUDIO_PREFIXES = ("audio_branch.", "audio_projection.")
+RANDOM_WARNING = (
+    "RANDOM CLAP WEIGHTS ({spec}): this encoder protects NOTHING. Its Δe figures only show that "
+    "the machinery runs. Point encoder.checkpoint at a real laion-clap checkpoint for protection."
+)
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be fetched, verified or loaded; the message says which and why."""
+
+
+class AudioEmbedder(Protocol):
+    """What the PGD side needs of an encoder: 48 kHz mono windows [B, 480000] -> unit vectors [B, D]."""
+
+    def __call__(self, waveform: torch.Tensor) -> torch.Tensor: ...
+
+
+@dataclass(frozen=True)
+class CheckpointSpec:
+    """A parsed `encoder.checkpoint` string.
+
+    Example::
+
+        CheckpointSpec.parse("random:HTSAT-tiny:0")      # random weights, seed 0
+        CheckpointSpec.parse("s3://models/clap.pt", amodel="HTSAT-base")
+    """
+
+    amodel: str
+    url: str | None = None  # None for random weights
+    seed: int = 0
+
+    @property
+    def is_random(self) -> bool:
+        return self.url is None
+
+    @classmethod
+    def parse(cls, spec: str, amodel: str = "HTSAT-base") -> CheckpointSpec:
+        if spec.startswith("random:"):
+            parts = spec.split(":")
+            if len(parts) != 3 or not parts[2].lstrip("-").isdigit():
+                raise CheckpointError(f"random checkpoint spec must be random:AMODEL:SEED, got {spec!r}")
+            return cls(amodel=parts[1], url=None, seed=int(parts[2]))
+        if not spec:
+            raise CheckpointError("encoder.checkpoint is empty")
+        return cls(amodel=amodel, url=spec)
+
+    def __str__(self) -> str:
+        return f"random:{self.amodel}:{self.seed}" if self.is_random else f"{self.amodel}@{self.url}"
+
+
+def import_laion_clap(hub_offline: bool = True) -> Any:
+    """Import laion_clap's model factory. Its package import fetches tokenizers from the hub and
+    retries for minutes offline, so HF_HUB_OFFLINE=1 is set first unless the caller opts in."""
+    if hub_offline:
+        os.environ["HF_HUB_OFFLINE"] = "1"
+        os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    from laion_clap.clap_module import factory, htsat, model  # noqa: PLC0415
+
+    return factory, htsat, model
+
+
+class ClapAudioEncoder(nn.Module):
+    """laion-clap's audio tower only: `audio_branch` (HTSAT) + `audio_projection`, with laion-clap's
+    parameter names, frozen. Gradients flow to the waveform only.
+
+    The STFT/log-mel front end always runs in fp32 (autocast off): its bf16 backward is ~40× slower
+    on CPU and loses precision; the transformer body follows the caller's autocast.
+    """
+
+    def __init__(self, amodel: str = "HTSAT-base", hub_offline: bool = True):
+        super().__init__()
+        factory, htsat, model = import_laion_clap(hub_offline)
+        if amodel not in factory._MODEL_CONFIGS:
+            known = sorted(k for k in factory._MODEL_CONFIGS if k.startswith(("HTSAT", "PANN")))
+            raise CheckpointError(f"unknown audio model {amodel!r}; laion-clap knows {known}")
+        cfg = factory._MODEL_CONFIGS[amodel]
+        audio_cfg = model.CLAPAudioCfp(**cfg["audio_cfg"])
+        if audio_cfg.model_type != "HTSAT":
+            raise CheckpointError(f"only HTSAT audio models are supported, {amodel} is {audio_cfg.model_type}")
+        self.amodel = amodel
+        self.audio_branch = htsat.create_htsat_model(audio_cfg, enable_fusion=False, fusion_type="None")
+        self.audio_projection = nn.Sequential(
+            nn.Linear(cfg["embed_dim"], EMBED_DIM), nn.ReLU(), nn.Linear(EMBED_DIM, EMBED_DIM)
+        )
+        self.freeze()
+
+    def freeze(self) -> ClapAudioEncoder:
+        self.eval()
+        self.requires_grad_(False)
+        return self
+
+    def train(self, mode: bool = True) -> ClapAudioEncoder:
+        """Always stays in eval mode (no SpecAugment, frozen batch-norm statistics)."""
+        return super().train(False)
+
+    def forward(self, waveform: torch.Tensor) -> torch.Tensor:
+        """48 kHz mono [B, 480000] -> unit-norm embeddings [B, 512] (float32 when autocast is off)."""
+        branch = self.audio_branch
+        with torch.autocast(device_type=waveform.device.type, enabled=False):
+            spec = branch.spectrogram_extractor(waveform.float())  # [B, 1, frames, freq bins]
+            mel = branch.logmel_extractor(spec)  # [B, 1, frames, mel bins]
+        # The rest of HTSAT_Swin_Transformer.forward for enable_fusion=False in eval mode.
+        x = branch.bn0(mel.transpose(1, 3)).transpose(1, 3)
+        x = branch.reshape_wav2img(x)
+        features = branch.forward_features(x)["embedding"]
+        return F.normalize(self.audio_projection(features).float(), dim=-1)
+
+
+class ClapView(nn.Module):
+    """Track-domain windows -> CLAP's input: down-mix to mono, resample to 48 kHz (julius'
+    windowed sinc, differentiable), then repeat-pad short windows and zero-fill as laion-clap does
+    (`repeatpad`), or crop to 480,000 samples.
+    """
+
+    def __init__(self, source_rate: int):
+        super().__init__()
+        import julius  # noqa: PLC0415
+
+        self.source_rate = int(source_rate)
+        self.resample = julius.ResampleFrac(self.source_rate, CLAP_RATE) if source_rate != CLAP_RATE else None
+
+    def forward(self, x: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
+        """x [B, channels, samples] at `source_rate`, lengths [B] real samples -> [B, 480000]."""
+        mono = x.float().mean(dim=1)
+        if self.resample is not None:
+            mono = self.resample(mono)
+        if mono.shape[-1] < CLAP_SAMPLES:
+            mono = F.pad(mono, (0, CLAP_SAMPLES - mono.shape[-1]))
+        mono = mono[..., :CLAP_SAMPLES]
+        if lengths is None:
+            return mono
+        n48 = (lengths.to(mono.device) * CLAP_RATE // self.source_rate).clamp(1, CLAP_SAMPLES)
+        if bool((n48 >= CLAP_SAMPLES).all()):
+            return mono
+        t = torch.arange(CLAP_SAMPLES, device=mono.device)
+        index = t[None, :] % n48[:, None]
+        filled = t[None, :] < (CLAP_SAMPLES // n48 * n48)[:, None]
+        return mono.gather(1, index) * filled
+
+
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def resolve_checkpoint(
+    url: str,
+    cache_dir: str,
+    sha256: str | None = None,
+    storage_options: Mapping[str, Any] | None = None,
+) -> Path:
+    """Return a local path for `url` (local path, s3://, https://, hf://org/repo/file, any fsspec
+    URL), downloading remote files once into `cache_dir`. Enforces the sha256 pin when given."""
+    import fsspec  # noqa: PLC0415
+
+    if "://" not in url or url.startswith("file://"):
+        local = Path(url.removeprefix("file://")).expanduser()
+        if not local.is_file():
+            raise CheckpointError(f"checkpoint file not found: {local}")
+    else:
+        if url.startswith("hf://") and os.environ.get("HF_HUB_OFFLINE") == "1":
+            raise CheckpointError(
+                f"{url}: hf:// needs the hub, but HF_HUB_OFFLINE=1 (set encoder.hub_offline=false)"
+            )
+        cache = Path(cache_dir).expanduser()
+        cache.mkdir(parents=True, exist_ok=True)
+        name = url.rstrip("/").rsplit("/", 1)[-1] or "checkpoint.pt"
+        local = cache / f"{hashlib.sha256(url.encode()).hexdigest()[:16]}-{name}"
+        if not local.is_file() or (sha256 and file_sha256(local) != sha256.lower()):
+            options = dict(storage_options or {}) if url.startswith("s3://") else {}
+            fd, tmp = tempfile.mkstemp(dir=cache, prefix=".partial-")
+            try:
+                with os.fdopen(fd, "wb") as out, fsspec.open(url, "rb", **options) as src:
+                    shutil.copyfileobj(src, out, length=1 << 22)
+                os.replace(tmp, local)
+            except Exception as exc:
+                Path(tmp).unlink(missing_ok=True)
+                raise CheckpointError(f"cannot fetch checkpoint {url}: {type(exc).__name__}: {exc}") from exc
+    if sha256:
+        actual = file_sha256(local)
+        if actual != sha256.lower():
+            raise CheckpointError(f"checkpoint {url} has sha256 {actual}, but the pin is {sha256}")
+    return local
+
+
+def audio_state_dict(checkpoint: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    """The audio-tower tensors of a laion-clap checkpoint: accepts a raw state dict or
+    {"state_dict": ...}, strips DataParallel's `module.` prefix, drops the text branch."""
+    state = checkpoint.get("state_dict", checkpoint) if isinstance(checkpoint, Mapping) else None
+    if not isinstance(state, Mapping):
+        raise CheckpointError("checkpoint is not a state dict (nor a dict with 'state_dict')")
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        name = key[len("module.") :] if key.startswith("module.") else key
+        if name.startswith(AUDIO_PREFIXES) and isinstance(value, torch.Tensor):
+            out[name] = value
+    return out
+
+
+def load_weights(encoder: ClapAudioEncoder, path: str | Path) -> None:
+    """Load laion-clap checkpoint weights into `encoder` (torch.load with weights_only=True)."""
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # an unpickling refusal, a truncated file, not a torch file...
+        raise CheckpointError(f"cannot load {path} with weights_only=True: {type(exc).__name__}: {exc}") from exc
+    state = audio_state_dict(checkpoint)
+    expected = encoder.state_dict()
+    missing = sorted(k for k in expected if k not in state)
+    if missing:
+        shown = ", ".join(missing[:12]) + (f" (+{len(missing) - 12} more)" if len(missing) > 12 else "")
+        raise CheckpointError(
+            f"{path} lacks {len(missing)} audio key(s) of {encoder.amodel}: {shown}. "
+            "Is encoder.amodel right for this checkpoint?"
+        )
+    mismatched = [k for k in expected if state[k].shape != expected[k].shape]
+    if mismatched:
+        k = mismatched[0]
+        raise CheckpointError(
+            f"{path}: {len(mismatched)} tensor shape(s) differ from {encoder.amodel}, e.g. {k}: "
+            f"checkpoint {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
+        )
+    encoder.load_state_dict({k: state[k] for k in expected}, strict=True)
+
+
+@dataclass
+class LoadedEncoder:
+    """An encoder ready for PGD, with the identity recorded in manifests."""
+
+    model: ClapAudioEncoder
+    encoder_id: str  # "random:HTSAT-tiny:0" or "HTSAT-base@sha256:<12 hex>"
+    is_random: bool
+    device: torch.device
+
+
+def pick_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def load_encoder(
+    spec: str,
+    amodel: str = "HTSAT-base",
+    *,
+    sha256: str | None = None,
+    cache_dir: str = "~/.cache/music-unlearnable/checkpoints",
+    hub_offline: bool = True,
+    device: str = "auto",
+    storage_options: Mapping[str, Any] | None = None,
+) -> LoadedEncoder:
+    """Build the frozen audio encoder for a checkpoint spec (see CheckpointSpec) on `device`.
+
+    Raises:
+        CheckpointError: unknown model, unreachable/unpinned-mismatch/corrupt checkpoint, missing keys.
+    """
+    parsed = CheckpointSpec.parse(spec, amodel)
+    if parsed.is_random:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(parsed.seed)
+            model = ClapAudioEncoder(parsed.amodel, hub_offline)
+        logger.warning(RANDOM_WARNING.format(spec=parsed))
+        encoder_id = str(parsed)
+    else:
+        model = ClapAudioEncoder(parsed.amodel, hub_offline)
+        assert parsed.url is not None
+        path = resolve_checkpoint(parsed.url, cache_dir, sha256, storage_options)
+        load_weights(model, path)
+        digest = sha256.lower() if sha256 else file_sha256(path)
+        encoder_id = f"{parsed.amodel}@sha256:{digest[:12]}"
+    target = pick_device(device)
+    model = model.to(target).freeze()
+    return LoadedEncoder(model=model, encoder_id=encoder_id, is_random=parsed.is_random, device=target)

@@ -1,0 +1,231 @@
+"""Protect whole tracks: window them, run PGD on batches of windows (windows of several tracks
+share a batch), blend δ back, quantise to the output grid within ε, and measure the written audio.
+
+No Ray and no storage: the Ray actor in stages/protect.py and the benchmark both call
+:class:`TrackProtector`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections import defaultdict
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from pipeline.audio import quantize_within
+from pipeline.encoder import ClapView, LoadedEncoder
+from pipeline.engine import PGDParams, pgd
+from pipeline.windows import WindowPlan, blend, plan_windows
+
+
+@dataclass
+class Track:
+    """A decoded track to protect. samples: float32 [samples, channels], full scale 1.0."""
+
+    key: str
+    samples: np.ndarray
+    sample_rate: int  # Hz
+    out_subtype: str  # libsndfile subtype it will be written in (its sample grid bounds δ)
+
+
+@dataclass
+class ProtectedTrack:
+    """Result for one track; `samples` is None and `error` set when it failed."""
+
+    key: str
+    samples: np.ndarray | None = None  # [samples, channels], already on the output grid
+    error: str = ""
+    n_windows: int = 0
+    delta_e_mean: float = float("nan")  # fp32 Δe of the written audio, per-window mean
+    delta_e_min: float = float("nan")
+    cos_mean: float = float("nan")
+    linf: float = float("nan")  # max |x' - x|
+    snr_db: float = float("nan")  # dB
+    steps_mean: float = float("nan")
+    seconds: float = 0.0  # accelerator seconds attributed to this track
+
+
+@dataclass(frozen=True)
+class _Window:
+    track: int  # index into the tracks of the call
+    index: int  # window number within its track
+    start: int  # samples
+    length: int  # real samples (≤ window)
+
+
+def window_seed(seed: int, key: str, index: int) -> int:
+    """A per-window RNG seed that does not depend on batching or actor placement."""
+    digest = hashlib.sha256(f"{seed}\x00{key}\x00{index}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+class TrackProtector:
+    """Holds a frozen encoder and the attack settings; protects lists of tracks.
+
+    Example::
+
+        protector = TrackProtector(load_encoder("random:HTSAT-tiny:0"), PGDParams(0.003, 0.0006, 10, 0.00075))
+        [result] = protector.protect([Track("k", samples, 44100, "PCM_16")])
+    """
+
+    def __init__(
+        self,
+        encoder: LoadedEncoder,
+        params: PGDParams,
+        *,
+        window_seconds: float = 10.0,
+        overlap_seconds: float = 1.0,
+        batch_windows: int = 8,
+        seed: int = 0,
+    ):
+        self.encoder = encoder
+        self.params = params
+        self.window_seconds = window_seconds
+        self.overlap_seconds = overlap_seconds
+        self.batch_windows = batch_windows
+        self.seed = seed
+        self._views: dict[int, ClapView] = {}
+
+    def plan(self, n_samples: int, sample_rate: int) -> WindowPlan:
+        window = max(1, int(round(self.window_seconds * sample_rate)))
+        overlap = int(round(self.overlap_seconds * sample_rate))
+        return plan_windows(n_samples, window, overlap)
+
+    def view(self, sample_rate: int) -> ClapView:
+        if sample_rate not in self._views:
+            self._views[sample_rate] = ClapView(sample_rate).to(self.encoder.device)
+        return self._views[sample_rate]
+
+    def _batches(self, tracks: list[Track], plans: list[WindowPlan]) -> Iterator[list[_Window]]:
+        """Windows grouped by (rate, channels) — the shape a batch must share — in chunks."""
+        groups: dict[tuple[int, int], list[_Window]] = defaultdict(list)
+        for t, (track, plan) in enumerate(zip(tracks, plans)):
+            for i, (start, length) in enumerate(zip(plan.starts, plan.lengths)):
+                groups[(track.sample_rate, track.samples.shape[1])].append(_Window(t, i, start, length))
+        for windows in groups.values():
+            for begin in range(0, len(windows), self.batch_windows):
+                yield windows[begin : begin + self.batch_windows]
+
+    def _stack(self, tracks: list[Track], plans: list[WindowPlan], chunk: list[_Window], source: list[np.ndarray]):
+        """[B, channels, window] float32 tensor of the chunk's windows (zero beyond each length)."""
+        first = tracks[chunk[0].track]
+        window = plans[chunk[0].track].window
+        batch = np.zeros((len(chunk), first.samples.shape[1], window), dtype=np.float32)
+        for b, w in enumerate(chunk):
+            batch[b, :, : w.length] = source[w.track][w.start : w.start + w.length].T
+        lengths = torch.tensor([w.length for w in chunk])
+        device = self.encoder.device
+        return torch.from_numpy(batch).to(device), lengths.to(device), first.sample_rate
+
+    def _embed_fn(self, sample_rate: int, lengths: torch.Tensor):
+        view = self.view(sample_rate)
+        model = self.encoder.model
+
+        def embed(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+            with torch.autocast(device_type=x.device.type, enabled=False):
+                clap_input = view(x.float(), lengths[rows])
+            return model(clap_input)
+
+        return embed
+
+    def protect(self, tracks: list[Track]) -> list[ProtectedTrack]:
+        """Protect every track; a failure is confined to the tracks of the failing batch."""
+        plans = [self.plan(t.samples.shape[0], t.sample_rate) for t in tracks]
+        deltas: list[list[np.ndarray | None]] = [[None] * len(p.starts) for p in plans]
+        steps = [np.zeros(len(p.starts)) for p in plans]
+        seconds = [0.0] * len(tracks)
+        errors = [""] * len(tracks)
+        clean_embeddings: dict[tuple[int, int], torch.Tensor] = {}
+        clean_sources = [t.samples for t in tracks]
+
+        for chunk in self._batches(tracks, plans):
+            try:
+                x, lengths, rate = self._stack(tracks, plans, chunk, clean_sources)
+                mask = (torch.arange(x.shape[-1], device=x.device)[None, :] < lengths[:, None])[:, None, :]
+                noise = torch.stack(
+                    [
+                        torch.randn(
+                            x.shape[1:],
+                            generator=torch.Generator().manual_seed(window_seed(self.seed, tracks[w.track].key, w.index)),
+                        )
+                        for w in chunk
+                    ]
+                )
+                started = time.perf_counter()
+                result = pgd(self._embed_fn(rate, lengths), x, self.params, noise=noise, mask=mask)
+                if x.device.type == "cuda":
+                    torch.cuda.synchronize(x.device)
+                elapsed = time.perf_counter() - started
+            except Exception as exc:  # one bad batch never sinks the others
+                for w in chunk:
+                    errors[w.track] = errors[w.track] or f"pgd: {type(exc).__name__}: {exc}"
+                continue
+            delta = result.delta.cpu().numpy()
+            for b, w in enumerate(chunk):
+                deltas[w.track][w.index] = delta[b]
+                steps[w.track][w.index] = int(result.steps[b])
+                seconds[w.track] += elapsed / len(chunk)
+                if self.params.precision == "fp32":
+                    clean_embeddings[(w.track, w.index)] = result.clean_embedding[b]
+
+        outputs: list[ProtectedTrack] = []
+        protected_sources: list[np.ndarray] = []
+        for t, track in enumerate(tracks):
+            out = ProtectedTrack(key=track.key, error=errors[t], n_windows=len(plans[t].starts))
+            if not errors[t]:
+                delta = blend(plans[t], [d for d in deltas[t] if d is not None])  # [channels, samples]
+                out.samples = quantize_within(track.samples, track.samples + delta.T, self.params.eps, track.out_subtype)
+                out.steps_mean = float(steps[t].mean())
+                out.seconds = seconds[t]
+                diff = out.samples.astype(np.float64) - track.samples
+                out.linf = float(np.abs(diff).max())
+                noise_energy = float((diff**2).sum())
+                signal_energy = float((track.samples.astype(np.float64) ** 2).sum())
+                out.snr_db = 10 * np.log10(signal_energy / noise_energy) if noise_energy > 0 else float("inf")
+            outputs.append(out)
+            protected_sources.append(out.samples if out.samples is not None else track.samples)
+
+        self._measure(tracks, plans, protected_sources, outputs, clean_embeddings, seconds)
+        return outputs
+
+    @torch.no_grad()
+    def _measure(self, tracks, plans, protected_sources, outputs, clean_embeddings, seconds) -> None:
+        """Δe and cosine of the audio as written (blended, quantised), in fp32, per window."""
+        delta_e: list[list[float]] = [[] for _ in tracks]
+        cosines: list[list[float]] = [[] for _ in tracks]
+        for chunk in self._batches(tracks, plans):
+            if all(outputs[w.track].error for w in chunk):
+                continue
+            started = time.perf_counter()
+            try:
+                adv, lengths, rate = self._stack(tracks, plans, chunk, protected_sources)
+                embed = self._embed_fn(rate, lengths)
+                rows = torch.arange(len(chunk), device=adv.device)
+                adv_e = embed(adv, rows)
+                if all((w.track, w.index) in clean_embeddings for w in chunk):
+                    clean_e = torch.stack([clean_embeddings[(w.track, w.index)] for w in chunk])
+                else:
+                    clean, _, _ = self._stack(tracks, plans, chunk, [t.samples for t in tracks])
+                    clean_e = embed(clean, rows)
+            except Exception as exc:
+                for w in chunk:
+                    outputs[w.track].error = outputs[w.track].error or f"measure: {type(exc).__name__}: {exc}"
+                continue
+            elapsed = time.perf_counter() - started
+            distance = (adv_e - clean_e).norm(dim=-1).cpu()
+            cos = torch.nn.functional.cosine_similarity(adv_e, clean_e, dim=-1).cpu()
+            for b, w in enumerate(chunk):
+                delta_e[w.track].append(float(distance[b]))
+                cosines[w.track].append(float(cos[b]))
+                outputs[w.track].seconds += elapsed / len(chunk)
+        for t, out in enumerate(outputs):
+            if out.error:
+                out.samples = None
+                continue
+            out.delta_e_mean = float(np.mean(delta_e[t]))
+            out.delta_e_min = float(np.min(delta_e[t]))
+            out.cos_mean = float(np.mean(cosines[t]))

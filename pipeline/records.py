@@ -1,0 +1,157 @@
+"""Typed manifest rows and shard statistics, and the one Arrow schema of the Parquet manifest."""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+import pyarrow as pa
+
+
+class SampleStatus(str, enum.Enum):
+    """Outcome of one sample (one WebDataset key)."""
+
+    OK = "ok"
+    ERROR = "error"
+
+
+@dataclass
+class ManifestRow:
+    """One row of `<shard>.parquet`: one WebDataset key of the input shard, failed or not.
+
+    Example::
+
+        row = ManifestRow(key="track-001", status=SampleStatus.ERROR, error="decode: ...")
+        row.to_dict()["status"]  # "error"
+    """
+
+    key: str
+    status: SampleStatus
+    error: str = ""
+    input_member: str = ""  # tar member name of the audio in the input shard
+    output_member: str = ""  # tar member name written (may change extension: mp3 -> flac)
+    output_format: str = ""  # e.g. "FLAC/PCM_16"
+    written: bool = False  # whether the key is present in the output shard
+    duration_s: float = 0.0  # seconds
+    sample_rate: int = 0  # Hz, of the track as stored
+    channels: int = 0
+    n_windows: int = 0
+    delta_e_mean: float = float("nan")  # ||CLAP(x+δ) - CLAP(x)||₂ over windows, fp32, on the written audio
+    delta_e_min: float = float("nan")
+    cos_mean: float = float("nan")  # cosine(CLAP(x+δ), CLAP(x)) over windows
+    linf: float = float("nan")  # max |x' - x| of the written samples (full scale 1.0)
+    snr_db: float = float("nan")  # 10·log10(Σx² / Σ(x'-x)²)
+    steps_mean: float = float("nan")  # PGD steps actually run per window (early stop lowers it)
+    seconds: float = 0.0  # accelerator seconds spent on this track
+    encoder_id: str = ""
+    config_hash: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out["status"] = self.status.value
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ManifestRow:
+        known = {f.name for f in dataclasses.fields(cls)}
+        kwargs = {k: v for k, v in data.items() if k in known}
+        kwargs["status"] = SampleStatus(kwargs["status"])
+        return cls(**kwargs)
+
+
+MANIFEST_SCHEMA = pa.schema(
+    [
+        ("key", pa.string()),
+        ("status", pa.string()),
+        ("error", pa.string()),
+        ("input_member", pa.string()),
+        ("output_member", pa.string()),
+        ("output_format", pa.string()),
+        ("written", pa.bool_()),
+        ("duration_s", pa.float64()),
+        ("sample_rate", pa.int32()),
+        ("channels", pa.int32()),
+        ("n_windows", pa.int32()),
+        ("delta_e_mean", pa.float64()),
+        ("delta_e_min", pa.float64()),
+        ("cos_mean", pa.float64()),
+        ("linf", pa.float64()),
+        ("snr_db", pa.float64()),
+        ("steps_mean", pa.float64()),
+        ("seconds", pa.float64()),
+        ("encoder_id", pa.string()),
+        ("config_hash", pa.string()),
+    ]
+)
+assert MANIFEST_SCHEMA.names == [f.name for f in dataclasses.fields(ManifestRow)]
+
+
+def manifest_table(rows: list[ManifestRow]) -> pa.Table:
+    """Rows -> Arrow table with MANIFEST_SCHEMA (column order and types fixed)."""
+    dicts = [r.to_dict() for r in rows]
+    return pa.Table.from_pylist(dicts, schema=MANIFEST_SCHEMA)
+
+
+@dataclass
+class ShardStats:
+    """Per-shard totals, written as `<shard>.stats.json` (the completion marker). Mergeable with `+`."""
+
+    shards: int = 0
+    items: int = 0
+    ok: int = 0
+    error: int = 0
+    passthrough: int = 0  # failed items whose original bytes were written unchanged
+    dropped: int = 0  # failed items left out of the output shard
+    windows: int = 0
+    audio_seconds: float = 0.0
+    accelerator_seconds: float = 0.0
+    wall_seconds: float = 0.0
+    delta_e_sum: float = 0.0  # sum of per-item delta_e_mean over ok items (mean = delta_e_sum / ok)
+    delta_e_below_target: int = 0  # ok items whose delta_e_min is under the target
+    errors: dict[str, int] = field(default_factory=dict)  # error kind -> count (bounded)
+    encoder_id: str = ""
+    config_hash: str = ""
+
+    MAX_ERROR_KINDS = 50
+
+    def __add__(self, other: ShardStats) -> ShardStats:
+        errors = dict(self.errors)
+        for kind, count in other.errors.items():
+            if kind in errors or len(errors) < self.MAX_ERROR_KINDS:
+                errors[kind] = errors.get(kind, 0) + count
+            else:
+                errors["other"] = errors.get("other", 0) + count
+        summed = {
+            f.name: getattr(self, f.name) + getattr(other, f.name)
+            for f in dataclasses.fields(self)
+            if f.name not in ("errors", "encoder_id", "config_hash")
+        }
+        return ShardStats(
+            **summed,
+            errors=errors,
+            encoder_id=self.encoder_id or other.encoder_id,
+            config_hash=self.config_hash or other.config_hash,
+        )
+
+    @property
+    def delta_e_mean(self) -> float:
+        return self.delta_e_sum / self.ok if self.ok else float("nan")
+
+    def add_error(self, message: str) -> None:
+        """Count an error by its kind: the text before the first ':' of its message."""
+        kind = message.split(":", 1)[0].strip()[:60] or "unknown"
+        if kind not in self.errors and len(self.errors) >= self.MAX_ERROR_KINDS:
+            kind = "other"
+        self.errors[kind] = self.errors.get(kind, 0) + 1
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), sort_keys=True, indent=1)
+
+    @classmethod
+    def from_json(cls, text: str) -> ShardStats:
+        data = json.loads(text)
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})

@@ -1,0 +1,92 @@
+"""Read stage (CPU): one shard URL -> one row per WebDataset key, audio decoded to float32 PCM."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from pipeline.audio import AudioDecodeError, decode, output_format_for
+from pipeline.shards import SHARD_ERROR_KEY, Sample, read_samples, split_name
+from pipeline.stages import rows as R
+
+
+@dataclass(frozen=True)
+class ReadSettings:
+    """What the read stage needs of the config (plain values: shipped to Ray workers)."""
+
+    extensions: tuple[str, ...]
+    max_member_bytes: int
+    storage_options: dict[str, Any]
+
+
+def sample_row(sample: Sample, settings: ReadSettings) -> dict[str, Any]:
+    """Classify and decode one sample; errors become data (status 'error' + message)."""
+    row: dict[str, Any] = {
+        R.KEY: sample.key,
+        R.KIND: R.KIND_SAMPLE,
+        R.STATUS: "ok",
+        R.ERROR: "",
+        R.MEMBER_NAMES: list(sample.names),
+        R.MEMBER_DATA: list(sample.data),
+        R.AUDIO_MEMBER: -1,
+        R.PCM: b"",
+        R.N_SAMPLES: 0,
+        R.CHANNELS: 0,
+        R.SAMPLE_RATE: 0,
+        R.OUT_FORMAT: "",
+        R.OUT_SUBTYPE: "",
+        R.OUT_EXT: "",
+    }
+    audio = [i for i, n in enumerate(sample.names) if split_name(n)[1].rsplit(".", 1)[-1].lower() in settings.extensions]
+    if sample.error:
+        row.update({R.STATUS: "error", R.ERROR: f"bad member: {sample.error}"})
+    elif not audio:
+        row.update({R.STATUS: "error", R.ERROR: "no audio member: none of " + ", ".join(sample.names)})
+    elif len(audio) > 1:
+        names = ", ".join(sample.names[i] for i in audio)
+        row.update({R.STATUS: "error", R.ERROR: f"multiple audio members: {names}"})
+    if row[R.STATUS] == "error":
+        if audio:
+            row[R.AUDIO_MEMBER] = audio[0]
+        return row
+    index = audio[0]
+    row[R.AUDIO_MEMBER] = index
+    try:
+        decoded = decode(sample.data[index])
+    except AudioDecodeError as exc:
+        row.update({R.STATUS: "error", R.ERROR: f"decode: {exc}"})
+        return row
+    ext = split_name(sample.names[index])[1].rsplit(".", 1)[-1]
+    out = output_format_for(decoded.format, decoded.subtype, ext)
+    row.update(
+        {
+            R.PCM: decoded.samples.tobytes(),
+            R.N_SAMPLES: decoded.samples.shape[0],
+            R.CHANNELS: decoded.channels,
+            R.SAMPLE_RATE: decoded.sample_rate,
+            R.OUT_FORMAT: out.format,
+            R.OUT_SUBTYPE: out.subtype,
+            R.OUT_EXT: out.extension,
+        }
+    )
+    return row
+
+
+def read_shard(shard: dict[str, Any], settings: ReadSettings) -> Iterator[dict[str, Any]]:
+    """flat_map body: every key of the shard as a row; a shard-level problem (missing, truncated
+    tar) or an empty shard adds one row of kind 'shard' so the writer still completes the shard."""
+    samples, shard_error = read_samples(shard[R.SHARD_URL], settings.storage_options, settings.max_member_bytes)
+    rows = [sample_row(s, settings) for s in samples]
+    if shard_error or not samples:
+        rows.append(
+            {
+                **sample_row(Sample(key=SHARD_ERROR_KEY), settings),
+                R.KIND: R.KIND_SHARD,
+                R.STATUS: "error" if shard_error else "ok",
+                R.ERROR: f"shard: {shard_error}" if shard_error else "",
+            }
+        )
+    for index, row in enumerate(rows):
+        row.update({R.SHARD_ID: shard[R.SHARD_ID], R.SHARD_URL: shard[R.SHARD_URL], R.SHARD_ITEMS: len(rows), R.INDEX: index})
+        yield row

@@ -1,0 +1,52 @@
+"""The plain columns that travel between stages (str, int, bytes, lists of them), one row per key."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+# Column names, in one place.
+SHARD_ID, SHARD_URL, SHARD_ITEMS, INDEX = "shard_id", "shard_url", "shard_items", "index"
+KEY, KIND, STATUS, ERROR = "key", "kind", "status", "error"
+MEMBER_NAMES, MEMBER_DATA, AUDIO_MEMBER = "member_names", "member_data", "audio_member"
+PCM, N_SAMPLES, CHANNELS, SAMPLE_RATE = "pcm", "n_samples", "channels", "sample_rate"
+OUT_FORMAT, OUT_SUBTYPE, OUT_EXT = "out_format", "out_subtype", "out_ext"
+AUDIO_BYTES = "audio_bytes"
+STATS = (
+    "n_windows",
+    "delta_e_mean",
+    "delta_e_min",
+    "cos_mean",
+    "linf",
+    "snr_db",
+    "steps_mean",
+    "seconds",
+)
+ENCODER_ID = "encoder_id"
+
+KIND_SAMPLE = "sample"
+KIND_SHARD = "shard"  # a row that stands for the shard itself (shard-level error, or an empty shard)
+
+
+def batch_to_rows(batch: dict[str, Any]) -> list[dict[str, Any]]:
+    """Ray's column batch -> list of row dicts (numpy scalars turned into Python values)."""
+    columns = list(batch)
+    n = len(batch[columns[0]]) if columns else 0
+    rows = []
+    for i in range(n):
+        row = {}
+        for c in columns:
+            value = batch[c][i]
+            if isinstance(value, np.generic):
+                value = value.item()
+            elif isinstance(value, np.ndarray) and value.dtype == object:
+                value = list(value)
+            row[c] = value
+        rows.append(row)
+    return rows
+
+
+def rows_to_batch(rows: list[dict[str, Any]], columns: list[str]) -> dict[str, Any]:
+    """List of row dicts -> column batch with exactly `columns` (lists; Ray builds Arrow from them)."""
+    return {c: [row.get(c) for row in rows] for c in columns}

@@ -1,0 +1,139 @@
+"""Encode stage (CPU tasks) and the shard writer (one CPU actor that regroups keys into shards and
+commits each shard once all its keys have arrived: tar, Parquet manifest, then the stats marker)."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from pipeline.audio import AudioEncodeError, OutputFormat, encode
+from pipeline.manifest import commit_shard
+from pipeline.records import ManifestRow, SampleStatus, ShardStats
+from pipeline.shards import OutputFolder, build_tar, split_name
+from pipeline.stages import rows as R
+
+SUMMARY_COLUMNS = ["shard_id", "items", "ok", "error", "delta_e_sum", "audio_seconds", "stats_json"]
+
+
+def encode_batch(batch: dict[str, Any]) -> dict[str, Any]:
+    """map_batches body: protected float32 PCM -> encoded bytes in the output format."""
+    rows = R.batch_to_rows(batch)
+    for row in rows:
+        row[R.AUDIO_BYTES] = b""
+        if row[R.STATUS] == "ok" and row[R.KIND] == R.KIND_SAMPLE:
+            samples = np.frombuffer(row[R.PCM], dtype=np.float32).reshape(row[R.N_SAMPLES], row[R.CHANNELS])
+            out = OutputFormat(row[R.OUT_FORMAT], row[R.OUT_SUBTYPE], row[R.OUT_EXT])
+            try:
+                row[R.AUDIO_BYTES] = encode(samples, row[R.SAMPLE_RATE], out)
+            except AudioEncodeError as exc:
+                row.update({R.STATUS: "error", R.ERROR: f"encode: {exc}"})
+        row[R.PCM] = b""
+    columns = list(rows[0].keys()) if rows else [*batch.keys(), R.AUDIO_BYTES]
+    return R.rows_to_batch(rows, columns)
+
+
+@dataclass(frozen=True)
+class WriteSettings:
+    output: str
+    storage_options: dict[str, Any]
+    on_error: str  # passthrough | drop
+    config_hash: str
+    target_delta_e: float
+
+
+def shard_outputs(rows: list[dict[str, Any]], settings: WriteSettings) -> tuple[list[tuple[str, bytes]], list[ManifestRow], ShardStats]:
+    """Tar members, manifest rows and stats of one complete shard (rows in any order)."""
+    members: list[tuple[str, bytes]] = []
+    manifest: list[ManifestRow] = []
+    stats = ShardStats(shards=1, config_hash=settings.config_hash)
+    for row in sorted(rows, key=lambda r: r[R.INDEX]):
+        names, data, audio = row[R.MEMBER_NAMES] or [], row[R.MEMBER_DATA] or [], row[R.AUDIO_MEMBER]
+        stats.encoder_id = stats.encoder_id or row.get(R.ENCODER_ID) or ""
+        if row[R.KIND] == R.KIND_SHARD:
+            if row[R.STATUS] == "error":
+                stats.add_error(row[R.ERROR])
+                manifest.append(ManifestRow(key=row[R.KEY], status=SampleStatus.ERROR, error=row[R.ERROR]))
+            continue
+        stats.items += 1
+        entry = ManifestRow(
+            key=row[R.KEY],
+            status=SampleStatus(row[R.STATUS]),
+            error=row[R.ERROR],
+            input_member=names[audio] if audio >= 0 else "",
+            sample_rate=int(row[R.SAMPLE_RATE]),
+            channels=int(row[R.CHANNELS]),
+            duration_s=row[R.N_SAMPLES] / row[R.SAMPLE_RATE] if row[R.SAMPLE_RATE] else 0.0,
+            encoder_id=row.get(R.ENCODER_ID) or "",
+            config_hash=settings.config_hash,
+        )
+        if entry.status is SampleStatus.OK:
+            for name in R.STATS:
+                setattr(entry, name, int(row[name]) if name == "n_windows" else float(row[name]))
+            key, _ = split_name(names[audio])
+            entry.output_member = f"{key}.{_replace_last(split_name(names[audio])[1], row[R.OUT_EXT])}"
+            entry.output_format = f"{row[R.OUT_FORMAT]}/{row[R.OUT_SUBTYPE]}"
+            entry.written = True
+            members.extend((entry.output_member, row[R.AUDIO_BYTES]) if i == audio else (n, d) for i, (n, d) in enumerate(zip(names, data)))
+            stats.ok += 1
+            stats.windows += entry.n_windows
+            stats.audio_seconds += entry.duration_s
+            stats.accelerator_seconds += entry.seconds
+            stats.delta_e_sum += entry.delta_e_mean
+            stats.delta_e_below_target += int(entry.delta_e_min < settings.target_delta_e)
+        else:
+            stats.error += 1
+            stats.add_error(entry.error)
+            if settings.on_error == "passthrough" and not entry.error.startswith("bad member"):
+                members.extend(zip(names, data))
+                entry.written = True
+                entry.output_member = entry.input_member
+                stats.passthrough += 1
+            else:
+                stats.dropped += 1
+        manifest.append(entry)
+    return members, manifest, stats
+
+
+def _replace_last(extension: str, new_last: str) -> str:
+    """'audio.mp3' with 'flac' -> 'audio.flac' (keeps any inner extension parts)."""
+    head, _, _ = extension.rpartition(".")
+    return f"{head}.{new_last}" if head else new_last
+
+
+class ShardWriter:
+    """map_batches callable class (a single actor): buffers rows per shard until `shard_items` rows
+    have arrived, then commits the shard and emits one summary row for it."""
+
+    def __init__(self, settings: WriteSettings):
+        self.settings = settings
+        self.out = OutputFolder(settings.output, settings.storage_options)
+        self.pending: dict[str, list[dict[str, Any]]] = {}
+        self.started: dict[str, float] = {}
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
+        summaries = []
+        for row in R.batch_to_rows(batch):
+            shard_id = row[R.SHARD_ID]
+            self.started.setdefault(shard_id, time.perf_counter())
+            bucket = self.pending.setdefault(shard_id, [])
+            bucket.append(row)
+            if len(bucket) == row[R.SHARD_ITEMS]:
+                summaries.append(self._commit(shard_id, self.pending.pop(shard_id)))
+        return {c: [s[c] for s in summaries] for c in SUMMARY_COLUMNS}
+
+    def _commit(self, shard_id: str, rows: list[dict[str, Any]]) -> dict[str, Any]:
+        members, manifest, stats = shard_outputs(rows, self.settings)
+        stats.wall_seconds = time.perf_counter() - self.started.pop(shard_id)
+        commit_shard(self.out, shard_id, build_tar(members), manifest, stats)
+        return {
+            "shard_id": shard_id,
+            "items": stats.items,
+            "ok": stats.ok,
+            "error": stats.error,
+            "delta_e_sum": stats.delta_e_sum,
+            "audio_seconds": stats.audio_seconds,
+            "stats_json": stats.to_json(),
+        }
