@@ -23,6 +23,8 @@ from pipeline.stages.write import ShardWriter, WriteSettings, encode_batch
 
 logger = logging.getLogger(__name__)
 
+WRITER_CPUS = 0.1  # the shard writer only concatenates bytes and uploads
+
 
 @dataclass
 class RunPlan:
@@ -143,7 +145,9 @@ def build_dataset(cfg: PipelineConfig, pending: list[ShardRef]) -> Any:
         fn_constructor_kwargs={"settings": write_settings},
         batch_size=None,
         compute=ray.data.ActorPoolStrategy(size=1),
-        num_cpus=rt.io_cpus,
+        # Not io_cpus: equal resources would let Ray fuse the encode tasks into this single actor,
+        # and encoding must stay parallel.
+        num_cpus=WRITER_CPUS,
         batch_format="numpy",
     )
     return ds
