@@ -185,7 +185,12 @@ class TrackProtector:
                 out.linf = float(np.abs(diff).max())
                 noise_energy = float((diff**2).sum())
                 signal_energy = float((track.samples.astype(np.float64) ** 2).sum())
-                out.snr_db = 10 * np.log10(signal_energy / noise_energy) if noise_energy > 0 else float("inf")
+                if noise_energy == 0:
+                    out.snr_db = float("inf")
+                elif signal_energy == 0:  # digital silence: any δ is all noise
+                    out.snr_db = float("-inf")
+                else:
+                    out.snr_db = float(10 * np.log10(signal_energy / noise_energy))
             outputs.append(out)
             protected_sources.append(out.samples if out.samples is not None else track.samples)
 

@@ -1,0 +1,1 @@
+"""Entrypoints a cluster runs (RayJob `entrypoint:`); thin wrappers over `pipeline.cli`."""
