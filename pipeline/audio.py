@@ -76,7 +76,7 @@ def decode(data: bytes, min_seconds: float = 0.1) -> DecodedAudio:
         raise AudioDecodeError(f"not decodable audio ({exc})") from exc
     if rate <= 0:
         raise AudioDecodeError(f"invalid sample rate {rate}")
-    if samples.shape[0] < max(1, int(round(min_seconds * rate))):
+    if samples.shape[0] < max(1, round(min_seconds * rate)):
         raise AudioDecodeError(f"too short: {samples.shape[0]} samples at {rate} Hz (< {min_seconds} s)")
     if not np.isfinite(samples).all():
         raise AudioDecodeError("non-finite samples (NaN or Inf)")

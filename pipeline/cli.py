@@ -28,7 +28,7 @@ def _config(args: argparse.Namespace) -> PipelineConfig:
     return cfg
 
 
-def print_summary(summary, stream=sys.stdout) -> None:  # noqa: ANN001  (RunSummary; keeps cli import-light)
+def print_summary(summary, stream=sys.stdout) -> None:
     total = summary.all_outputs
     run = summary.this_run
     lines = [
@@ -56,7 +56,7 @@ def print_summary(summary, stream=sys.stdout) -> None:  # noqa: ANN001  (RunSumm
 
 
 def cmd_protect(args: argparse.Namespace) -> int:
-    from pipeline.stages.pipeline import run  # noqa: PLC0415  (imports ray)
+    from pipeline.stages.pipeline import run
 
     cfg = _config(args)
     summary = run(cfg)
@@ -66,8 +66,8 @@ def cmd_protect(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from pipeline.demo import write_demo_catalog  # noqa: PLC0415
-    from pipeline.stages.pipeline import run  # noqa: PLC0415
+    from pipeline.demo import write_demo_catalog
+    from pipeline.stages.pipeline import run
 
     workdir = Path(args.workdir).resolve()
     catalog = workdir / "catalog"
@@ -81,42 +81,45 @@ def cmd_demo(args: argparse.Namespace) -> int:
     summary = run(cfg)
     print_summary(summary)
     print(f"protected shards and manifests: {output}")
-    print(f"inspect: python -c \"import pyarrow.parquet as pq; print(pq.read_table('{output}/shard-000000.parquet').to_pandas())\"")
+    manifest = output / "shard-000000.parquet"
+    print(f"inspect: python -c \"import pyarrow.parquet as pq; print(pq.read_table('{manifest}').to_pandas())\"")
     return 0
 
 
 def cmd_embed(args: argparse.Namespace) -> int:
-    import numpy as np  # noqa: PLC0415
-    import torch  # noqa: PLC0415
+    import numpy as np
+    import torch
 
-    from pipeline.audio import decode  # noqa: PLC0415
-    from pipeline.encoder import ClapView, load_encoder  # noqa: PLC0415
+    from pipeline.audio import decode
+    from pipeline.encoder import ClapView, load_encoder
 
     decoded = decode(Path(args.input).read_bytes(), min_seconds=0.0)
     encoder = load_encoder(args.checkpoint, args.amodel, sha256=args.sha256, device=args.device)
-    window = decoded.samples[: int(round(10.0 * decoded.sample_rate))]  # first 10 s
+    window = decoded.samples[: round(10.0 * decoded.sample_rate)]  # first 10 s
     x = torch.from_numpy(np.ascontiguousarray(window.T))[None].to(encoder.device)  # [1, channels, samples]
     view = ClapView(decoded.sample_rate).to(encoder.device)
     with torch.no_grad():
         embedding = encoder.model(view(x, torch.tensor([window.shape[0]], device=encoder.device)))[0]
     vector = embedding.float().cpu().numpy().astype(np.float32)
     np.save(args.out, vector)
-    print(f"{args.out}: float32 [{vector.shape[0]}], norm {np.linalg.norm(vector):.6f}, encoder {encoder.encoder_id}")
+    norm = np.linalg.norm(vector)
+    print(f"{args.out}: float32 [{vector.shape[0]}], norm {norm:.6f}, encoder {encoder.encoder_id}")
     if encoder.is_random:
         print("NOTE: random CLAP weights: this embedding means nothing.", file=sys.stderr)
     return 0
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from pipeline.manifest import merge_stats  # noqa: PLC0415
-    from pipeline.stages.pipeline import plan  # noqa: PLC0415
+    from pipeline.manifest import merge_stats
+    from pipeline.stages.pipeline import plan
 
     cfg = _config(args)
     run_plan = plan(cfg)
-    from pipeline.shards import OutputFolder  # noqa: PLC0415
+    from pipeline.shards import OutputFolder
 
     total = merge_stats(OutputFolder(cfg.io.output, cfg.io.storage.storage_options()))
-    print(f"shards: {len(run_plan.shards)} total, {len(run_plan.skipped)} complete, {len(run_plan.pending)} pending")
+    done, pending = len(run_plan.skipped), len(run_plan.pending)
+    print(f"shards: {len(run_plan.shards)} total, {done} complete, {pending} pending")
     print(f"items: {total.items} (ok {total.ok}, error {total.error}); Δe mean {total.delta_e_mean:.3f}")
     return 0
 
@@ -171,8 +174,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"config error: {exc}", file=sys.stderr)
         return 2
     except Exception as exc:  # the CLI's last word: one clear line, the traceback with -v
-        from pipeline.encoder import CheckpointError  # noqa: PLC0415
-        from pipeline.shards import ShardError  # noqa: PLC0415
+        from pipeline.encoder import CheckpointError
+        from pipeline.shards import ShardError
 
         if isinstance(exc, (CheckpointError, ShardError, FileNotFoundError)) and not args.verbose:
             print(f"error: {exc}", file=sys.stderr)

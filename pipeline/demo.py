@@ -42,11 +42,13 @@ DEMO_CATALOG: tuple[tuple[DemoTrack, ...], ...] = (
 )
 
 
-def synthesize(seconds: float, sample_rate: int, channels: int, tempo_bpm: float, root_hz: float, seed: int = 0) -> np.ndarray:
+def synthesize(
+    seconds: float, sample_rate: int, channels: int, tempo_bpm: float, root_hz: float, seed: int = 0
+) -> np.ndarray:
     """A music-like clip, float32 [samples, channels], peak ≈ 0.7: a major chord with harmonics
     (tonal), kick + hi-hat on the beat (percussive), and a little pink-ish noise."""
     rng = np.random.default_rng(seed)
-    n = int(round(seconds * sample_rate))
+    n = round(seconds * sample_rate)
     t = np.arange(n) / sample_rate
     tonal = np.zeros(n)
     for ratio in (1.0, 1.25, 1.5):  # root, major third, fifth
@@ -93,7 +95,14 @@ def write_demo_catalog(folder: str | Path, seed: int = 0) -> list[Path]:
     for shard_index, tracks in enumerate(DEMO_CATALOG):
         members: list[tuple[str, bytes]] = []
         for number, track in enumerate(tracks):
-            samples = synthesize(track.seconds, track.sample_rate, track.channels, track.tempo_bpm, track.root_hz, seed + number)
+            samples = synthesize(
+                track.seconds,
+                track.sample_rate,
+                track.channels,
+                track.tempo_bpm,
+                track.root_hz,
+                seed + number,
+            )
             members.append((f"{track.key}.{track.extension}", encode_track(track, samples)))
             meta = {"title": f"Demo {track.key}", "tempo_bpm": track.tempo_bpm, "root_hz": track.root_hz}
             members.append((f"{track.key}.json", json.dumps(meta).encode()))

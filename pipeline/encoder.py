@@ -80,7 +80,7 @@ def import_laion_clap(hub_offline: bool = True) -> Any:
     if hub_offline:
         os.environ["HF_HUB_OFFLINE"] = "1"
         os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    from laion_clap.clap_module import factory, htsat, model  # noqa: PLC0415
+    from laion_clap.clap_module import factory, htsat, model
 
     return factory, htsat, model
 
@@ -140,7 +140,7 @@ class ClapView(nn.Module):
 
     def __init__(self, source_rate: int):
         super().__init__()
-        import julius  # noqa: PLC0415
+        import julius
 
         self.source_rate = int(source_rate)
         self.resample = julius.ResampleFrac(self.source_rate, CLAP_RATE) if source_rate != CLAP_RATE else None
@@ -180,7 +180,7 @@ def resolve_checkpoint(
 ) -> Path:
     """Return a local path for `url` (local path, s3://, https://, hf://org/repo/file, any fsspec
     URL), downloading remote files once into `cache_dir`. Enforces the sha256 pin when given."""
-    import fsspec  # noqa: PLC0415
+    import fsspec
 
     if "://" not in url or url.startswith("file://"):
         local = Path(url.removeprefix("file://")).expanduser()
@@ -188,9 +188,7 @@ def resolve_checkpoint(
             raise CheckpointError(f"checkpoint file not found: {local}")
     else:
         if url.startswith("hf://") and os.environ.get("HF_HUB_OFFLINE") == "1":
-            raise CheckpointError(
-                f"{url}: hf:// needs the hub, but HF_HUB_OFFLINE=1 (set encoder.hub_offline=false)"
-            )
+            raise CheckpointError(f"{url}: hf:// needs the hub, but HF_HUB_OFFLINE=1 (set encoder.hub_offline=false)")
         cache = Path(cache_dir).expanduser()
         cache.mkdir(parents=True, exist_ok=True)
         name = url.rstrip("/").rsplit("/", 1)[-1] or "checkpoint.pt"

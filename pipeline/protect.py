@@ -91,8 +91,8 @@ class TrackProtector:
         self._views: dict[int, ClapView] = {}
 
     def plan(self, n_samples: int, sample_rate: int) -> WindowPlan:
-        window = max(1, int(round(self.window_seconds * sample_rate)))
-        overlap = int(round(self.overlap_seconds * sample_rate))
+        window = max(1, round(self.window_seconds * sample_rate))
+        overlap = round(self.overlap_seconds * sample_rate)
         return plan_windows(n_samples, window, overlap)
 
     def view(self, sample_rate: int) -> ClapView:
@@ -150,7 +150,9 @@ class TrackProtector:
                     [
                         torch.randn(
                             x.shape[1:],
-                            generator=torch.Generator().manual_seed(window_seed(self.seed, tracks[w.track].key, w.index)),
+                            generator=torch.Generator().manual_seed(
+                                window_seed(self.seed, tracks[w.track].key, w.index)
+                            ),
                         )
                         for w in chunk
                     ]
@@ -178,7 +180,9 @@ class TrackProtector:
             out = ProtectedTrack(key=track.key, error=errors[t], n_windows=len(plans[t].starts))
             if not errors[t]:
                 delta = blend(plans[t], [d for d in deltas[t] if d is not None])  # [channels, samples]
-                out.samples = quantize_within(track.samples, track.samples + delta.T, self.params.eps, track.out_subtype)
+                out.samples = quantize_within(
+                    track.samples, track.samples + delta.T, self.params.eps, track.out_subtype
+                )
                 out.steps_mean = float(steps[t].mean())
                 out.seconds = seconds[t]
                 diff = out.samples.astype(np.float64) - track.samples

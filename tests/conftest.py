@@ -15,7 +15,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 
-def audio_bytes(seconds: float, rate: int, channels: int, fmt: str = "WAV", subtype: str = "PCM_16", seed: int = 0) -> bytes:
+def audio_bytes(
+    seconds: float, rate: int, channels: int, fmt: str = "WAV", subtype: str = "PCM_16", seed: int = 0
+) -> bytes:
     """A short music-like clip encoded with libsndfile."""
     from pipeline.demo import synthesize
 

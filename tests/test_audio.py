@@ -50,7 +50,9 @@ def test_lossy_input_becomes_flac_within_eps(rng) -> None:
     out = output_format_for(clean.format, clean.subtype, "ogg")
     assert (out.format, out.extension) == ("FLAC", "flac")
     eps = 0.002
-    protected = quantize_within(clean.samples, clean.samples + rng.uniform(-eps, eps, clean.samples.shape), eps, out.subtype)
+    protected = quantize_within(
+        clean.samples, clean.samples + rng.uniform(-eps, eps, clean.samples.shape), eps, out.subtype
+    )
     written = decode(encode(protected, 22050, out))
     assert np.abs(written.samples.astype(np.float64) - clean.samples).max() <= eps + 1e-7
 

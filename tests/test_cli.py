@@ -55,13 +55,37 @@ def test_bad_override_is_a_clear_error(tmp_path: Path, capsys) -> None:
 def test_missing_input_is_a_clear_error(tmp_path: Path, capsys) -> None:
     cfg = tmp_path / "c.yaml"
     cfg.write_text("{}\n")
-    assert main(["protect", "--config", str(cfg), "--input", str(tmp_path / "nope"), "--output", str(tmp_path / "o")]) == 1
+    assert (
+        main(
+            [
+                "protect",
+                "--config",
+                str(cfg),
+                "--input",
+                str(tmp_path / "nope"),
+                "--output",
+                str(tmp_path / "o"),
+            ]
+        )
+        == 1
+    )
     assert "not found" in capsys.readouterr().err
 
 
 def test_job_entrypoint_reads_environment() -> None:
-    argv = build_argv(["--config", "/etc/u/config.yaml"], {"UNLEARNABLE_INPUT": "s3://a/in/", "AWS_ENDPOINT_URL": "http://s3:9000"})
-    assert argv == ["protect", "--config", "/etc/u/config.yaml", "--input", "s3://a/in/", "--set", "io.storage.endpoint_url=http://s3:9000"]
+    argv = build_argv(
+        ["--config", "/etc/u/config.yaml"],
+        {"UNLEARNABLE_INPUT": "s3://a/in/", "AWS_ENDPOINT_URL": "http://s3:9000"},
+    )
+    assert argv == [
+        "protect",
+        "--config",
+        "/etc/u/config.yaml",
+        "--input",
+        "s3://a/in/",
+        "--set",
+        "io.storage.endpoint_url=http://s3:9000",
+    ]
 
 
 @pytest.mark.slow
@@ -69,7 +93,10 @@ def test_demo_command_as_in_readme(tmp_path: Path) -> None:
     """`unlearnable demo` (README's first command) in a fresh process: real Ray, real laion-clap code."""
     result = subprocess.run(
         [sys.executable, "-m", "pipeline", "demo", "--workdir", str(tmp_path)],
-        capture_output=True, text=True, timeout=900, cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        cwd=ROOT,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "[2/2 shards]" in result.stdout

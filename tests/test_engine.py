@@ -49,7 +49,13 @@ def test_mask_zeroes_padding() -> None:
     x = _x()
     mask = torch.ones_like(x)
     mask[:, 200:] = 0
-    result = pgd(StubEncoder(256), x, PGDParams(0.01, 0.004, 3, 0.01), generator=torch.Generator().manual_seed(0), mask=mask)
+    result = pgd(
+        StubEncoder(256),
+        x,
+        PGDParams(0.01, 0.004, 3, 0.01),
+        generator=torch.Generator().manual_seed(0),
+        mask=mask,
+    )
     assert result.delta[:, 200:].abs().max().item() == 0.0
 
 
@@ -84,7 +90,12 @@ def test_deterministic_for_a_seed() -> None:
 
 @pytest.mark.parametrize("precision", ["bf16"])
 def test_autocast_precision_runs_on_cpu(precision: str) -> None:
-    result = pgd(StubEncoder(256), _x(), PGDParams(0.01, 0.004, 2, 0.01, precision=precision), generator=torch.Generator().manual_seed(0))
+    result = pgd(
+        StubEncoder(256),
+        _x(),
+        PGDParams(0.01, 0.004, 2, 0.01, precision=precision),
+        generator=torch.Generator().manual_seed(0),
+    )
     assert result.delta.abs().max().item() <= f32(0.01)
 
 

@@ -81,7 +81,12 @@ def test_local_pipeline_end_to_end_and_resume(tmp_path: Path, ray_session) -> No
         assert protected[name] == original[name]
     clean, prot = decode(original["a1.flac"]), decode(protected["a1.flac"])
     assert (prot.sample_rate, prot.channels, prot.samples.shape, prot.format, prot.subtype) == (
-        clean.sample_rate, clean.channels, clean.samples.shape, "FLAC", "PCM_16")
+        clean.sample_rate,
+        clean.channels,
+        clean.samples.shape,
+        "FLAC",
+        "PCM_16",
+    )
     assert 0 < np.abs(prot.samples.astype(np.float64) - clean.samples).max() <= EPS + 1e-7
 
     # Lossy input -> FLAC with the mapping in the manifest; float WAV keeps its subtype.

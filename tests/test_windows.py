@@ -13,7 +13,7 @@ def test_windows_cover_every_sample(n: int) -> None:
     plan = plan_windows(n, window=1000, overlap=100)
     covered = np.zeros(n, dtype=int)
     for start, length in zip(plan.starts, plan.lengths):
-        assert 0 <= start and start + length <= n
+        assert start >= 0 and start + length <= n
         covered[start : start + length] += 1
     assert covered.min() >= 1
     assert plan.starts[-1] + plan.lengths[-1] == n

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pipeline.config import PipelineConfig
-from pipeline.encoder import CheckpointSpec, RANDOM_WARNING
+from pipeline.encoder import RANDOM_WARNING, CheckpointSpec
 from pipeline.manifest import merge_stats
 from pipeline.records import ShardStats
 from pipeline.shards import OutputFolder, ShardRef, list_shards
@@ -58,7 +58,7 @@ def plan(cfg: PipelineConfig) -> RunPlan:
 
 def init_ray(cfg: PipelineConfig) -> None:
     """Connect to RAY_ADDRESS / runtime.ray_address, or start a local Ray (the embedded default)."""
-    import ray  # noqa: PLC0415
+    import ray
 
     if ray.is_initialized():
         return
@@ -68,7 +68,12 @@ def init_ray(cfg: PipelineConfig) -> None:
     if address:
         ray.init(address=address, runtime_env=env or None, log_to_driver=True)
     else:
-        ray.init(include_dashboard=False, runtime_env=env or None, log_to_driver=True, logging_level=logging.WARNING)
+        ray.init(
+            include_dashboard=False,
+            runtime_env=env or None,
+            log_to_driver=True,
+            logging_level=logging.WARNING,
+        )
 
 
 class Progress:
@@ -102,13 +107,13 @@ class Progress:
 
 
 def _clock(seconds: float) -> str:
-    seconds = int(round(seconds))
+    seconds = round(seconds)
     return f"{seconds // 3600:02d}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
 
 
 def build_dataset(cfg: PipelineConfig, pending: list[ShardRef]) -> Any:
     """The lazy Ray dataset of per-shard summaries (nothing runs until it is iterated)."""
-    import ray  # noqa: PLC0415
+    import ray
 
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
