@@ -159,10 +159,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.add_argument("--out", required=True, help="output .npy (float32 [512])")
     p.set_defaults(func=cmd_embed)
+
+    # Each of these modules owns its arguments; imported here so `--help` lists them.
+    from pipeline import report, robustness
+
+    robustness.build_parser(sub.add_parser("robustness", help="Δe retained under codecs, resampling, noise"))
+    report.build_parser(sub.add_parser("report", help="HTML report of an output folder: Δe, quality, errors"))
+    sub.add_parser("bench", help="benchmark engine, pipeline and baseline (see docs/benchmarks.md)", add_help=False)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["bench"]:
+        from pipeline.bench import main as bench_main
+
+        return bench_main(argv[1:])
     args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.WARNING,
@@ -175,9 +187,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except Exception as exc:  # the CLI's last word: one clear line, the traceback with -v
         from pipeline.encoder import CheckpointError
+        from pipeline.report import ReportError
+        from pipeline.robustness import AttackError
         from pipeline.shards import ShardError
 
-        if isinstance(exc, (CheckpointError, ShardError, FileNotFoundError)) and not args.verbose:
+        known = (CheckpointError, ShardError, FileNotFoundError, ReportError, AttackError)
+        if isinstance(exc, known) and not args.verbose:
             print(f"error: {exc}", file=sys.stderr)
             return 1
         raise

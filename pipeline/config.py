@@ -88,6 +88,19 @@ class AttackConfig:
     target_delta_e: float = 0.5  # per-window early stop once Δe ≥ this (unit embeddings: cos < 0.875)
     precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16 | fp16
     seed: int = 0
+    perceptual: str = "linf"  # linf | masking: also keep δ's spectrum under the clean signal's masking threshold
+    eot_views: tuple[str, ...] = ("clean48k",)  # views optimised through (pipeline.views), e.g. [clean48k, musicldm]
+
+
+@dataclass(frozen=True)
+class QualityConfig:
+    """Per-item quality statistics in the manifest; costly ones can be switched off."""
+
+    masking: bool = True  # share of δ's energy above the masking threshold, noise-to-mask ratio
+    musicldm_view: bool = True  # delta_e_musicldm: Δe through MusicLDM's deterministic view
+    pesq: bool = False  # wide-band PESQ at 16 kHz, mono down-mix (PyPI pesq; a speech metric)
+    stoi: bool = False  # STOI at 16 kHz, mono down-mix (PyPI pystoi; a speech metric)
+    segsnr: bool = True  # segmental SNR, 20 ms frames
 
 
 @dataclass(frozen=True)
@@ -103,6 +116,8 @@ class RuntimeConfig:
     batch_windows: int = 8  # windows per PGD batch on the accelerator
     io_cpus: float = 0.25  # CPUs reserved by each read/encode/write task (fractional keeps streaming)
     progress: bool = True
+    metrics_port: int | None = None  # driver's Prometheus /metrics port (k8s: 9500); None: no endpoint
+    metrics_addr: str = "0.0.0.0"
 
 
 @dataclass(frozen=True)
@@ -119,6 +134,7 @@ class PipelineConfig:
     audio: AudioConfig = field(default_factory=AudioConfig)
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
     attack: AttackConfig = field(default_factory=AttackConfig)
+    quality: QualityConfig = field(default_factory=QualityConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
 
     def to_dict(self) -> dict[str, Any]:
@@ -254,6 +270,8 @@ def validate(cfg: PipelineConfig) -> None:
         (a.sigma >= 0, "attack.sigma must be >= 0"),
         (a.target_delta_e > 0, "attack.target_delta_e must be > 0"),
         (a.precision in ("auto", "fp32", "bf16", "fp16"), "attack.precision must be auto|fp32|bf16|fp16"),
+        (a.perceptual in ("linf", "masking"), "attack.perceptual must be linf|masking"),
+        (len(a.eot_views) > 0, "attack.eot_views must name at least one view (clean48k: none)"),
         (au.window_seconds > 0, "audio.window_seconds must be > 0"),
         (
             0 <= au.overlap_seconds < au.window_seconds / 2,
@@ -268,6 +286,7 @@ def validate(cfg: PipelineConfig) -> None:
         (rt.num_gpus_per_actor >= 0, "runtime.num_gpus_per_actor must be >= 0"),
         (rt.num_cpus_per_actor > 0, "runtime.num_cpus_per_actor must be > 0"),
         (0 < rt.io_cpus <= 16, "runtime.io_cpus must be in (0, 16]"),
+        (rt.metrics_port is None or 0 <= rt.metrics_port <= 65535, "runtime.metrics_port must be 0..65535 or null"),
         (
             cfg.encoder.sha256 is None or len(cfg.encoder.sha256) == 64,
             "encoder.sha256 must be 64 hex digits",

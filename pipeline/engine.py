@@ -8,6 +8,7 @@ The whole method in one function, :func:`pgd`:
         Δe = ||e(x+δ) − e₀||₂                     forward + backward w.r.t. δ only
         remember δ if it is the best seen for its window
         δ ← δ + α·sign(∇δ Δe)                     ascent step
+        δ ← constrain(δ)                          optional: e.g. shape δ under a masking threshold
         δ ← clip(δ, −1−x, 1−x), then clip(δ, −ε, ε)   projection: stay in range, never leave the L∞ ball
     a last forward scores the final δ
 
@@ -73,6 +74,7 @@ def pgd(
     noise: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
     mask: torch.Tensor | None = None,
+    constrain: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
 ) -> PGDResult:
     """Find δ per window that pushes e(x+δ) away from e(x).
 
@@ -84,6 +86,8 @@ def pgd(
             `generator` on the CPU when None.
         generator: CPU generator for the start noise when `noise` is None.
         mask: 1 where x holds real samples, 0 on padding (broadcastable to x); δ is 0 there.
+        constrain: (δ_rows, rows) -> δ_rows, applied after each step and before the L∞
+            projection (a perceptual projection, say); the ε bound still holds exactly.
 
     Returns:
         PGDResult with the best δ seen per window and its Δe, cosine and step count.
@@ -131,8 +135,10 @@ def pgd(
         reached = scored >= params.target_delta_e
         active[index[reached]] = False
         moving = index[~reached]
-        step = params.alpha * torch.nan_to_num(grad[~reached]).sign()
-        delta[moving] = project(delta[moving] + step, x[moving], params.eps) * keep[moving]
+        stepped = delta[moving] + params.alpha * torch.nan_to_num(grad[~reached]).sign()
+        if constrain is not None:
+            stepped = constrain(stepped, moving)
+        delta[moving] = project(stepped, x[moving], params.eps) * keep[moving]
 
     # Score the δ left by the last step (or δ₀ when steps = 0) of windows still below the target.
     index = active.nonzero().squeeze(1)

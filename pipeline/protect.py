@@ -19,6 +19,8 @@ import torch
 from pipeline.audio import quantize_within
 from pipeline.encoder import ClapView, LoadedEncoder
 from pipeline.engine import PGDParams, pgd
+from pipeline.perceptual import MaskingConfig, audibility, masking_threshold, project_below_threshold
+from pipeline.views import get_view
 from pipeline.windows import WindowPlan, blend, plan_windows
 
 
@@ -43,8 +45,12 @@ class ProtectedTrack:
     delta_e_mean: float = float("nan")  # fp32 Δe of the written audio, per-window mean
     delta_e_min: float = float("nan")
     cos_mean: float = float("nan")
+    delta_e_musicldm: float = float("nan")  # fp32 Δe through the deterministic MusicLDM view, mean
     linf: float = float("nan")  # max |x' - x|
+    l2: float = float("nan")  # ||x' - x||₂ over all samples and channels
     snr_db: float = float("nan")  # dB
+    mask_energy_above: float = float("nan")  # share of δ's energy above the masking threshold
+    nmr_db: float = float("nan")  # noise-to-mask ratio, dB (mean over windows)
     steps_mean: float = float("nan")
     seconds: float = 0.0  # accelerator seconds attributed to this track
 
@@ -81,7 +87,21 @@ class TrackProtector:
         overlap_seconds: float = 1.0,
         batch_windows: int = 8,
         seed: int = 0,
+        perceptual: str = "linf",
+        eot_views: tuple[str, ...] = ("clean48k",),
+        measure_musicldm: bool = True,
+        measure_masking: bool = True,
     ):
+        if perceptual not in ("linf", "masking"):
+            raise ValueError(f"perceptual must be linf or masking, got {perceptual!r}")
+        self.perceptual = perceptual
+        self.eot_views = tuple(eot_views) or ("clean48k",)
+        for name in self.eot_views:
+            get_view(name)  # unknown names fail here, not mid-run
+        self.measure_musicldm = measure_musicldm
+        self.measure_masking = measure_masking
+        self.masking = MaskingConfig()
+        self._eot_generator = torch.Generator().manual_seed(seed)
         self.encoder = encoder
         self.params = params
         self.window_seconds = window_seconds
@@ -121,16 +141,51 @@ class TrackProtector:
         device = self.encoder.device
         return torch.from_numpy(batch).to(device), lengths.to(device), first.sample_rate
 
-    def _embed_fn(self, sample_rate: int, lengths: torch.Tensor):
-        view = self.view(sample_rate)
+    def _embed_fn(self, sample_rate: int, lengths: torch.Tensor, views: tuple[str, ...], random: bool):
+        """embed(x_rows, rows) for the engine: CLAP view of the track windows, then each named view
+        (random parameters drawn on gradient steps when `random`), embeddings concatenated and
+        divided by sqrt(#views), so the distance is the root-mean-square of the per-view Δe."""
+        clap_view = self.view(sample_rate)
         model = self.encoder.model
+        view_fns = [get_view(name) for name in views]
+        generator = self._eot_generator if random else None
+        if views == ("clean48k",):
+
+            def embed_one(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+                with torch.autocast(device_type=x.device.type, enabled=False):
+                    clap_input = clap_view(x.float(), lengths[rows])
+                return model(clap_input)
+
+            return embed_one
 
         def embed(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+            # Random view parameters only on gradient steps; the clean reference e(x) and the
+            # final scoring see the deterministic views, so Δe compares like with like.
+            draw = generator if x.requires_grad else None
             with torch.autocast(device_type=x.device.type, enabled=False):
-                clap_input = view(x.float(), lengths[rows])
-            return model(clap_input)
+                clap_input = clap_view(x.float(), lengths[rows])
+                inputs = [fn(clap_input, draw) for fn in view_fns]
+            embeddings = model(torch.cat(inputs)).float()  # [views * b, D]
+            parts = embeddings.chunk(len(view_fns))
+            return torch.cat(parts, dim=-1) / len(view_fns) ** 0.5
 
         return embed
+
+    def _constrain_fn(self, x: torch.Tensor, sample_rate: int):
+        """The perceptual projection for the engine (None in linf mode): δ's STFT bins above the
+        clean window's masking threshold are scaled down to it, per channel."""
+        if self.perceptual != "masking":
+            return None
+        batch, channels, samples = x.shape
+        threshold = masking_threshold(x.reshape(batch * channels, samples), sample_rate, self.masking)
+        threshold = threshold.reshape(batch, channels, *threshold.shape[1:])
+
+        def constrain(delta: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+            flat = delta.reshape(-1, samples)
+            th = threshold[rows].reshape(-1, *threshold.shape[2:])
+            return project_below_threshold(flat, th, sample_rate, self.masking).reshape(delta.shape)
+
+        return constrain
 
     def protect(self, tracks: list[Track]) -> list[ProtectedTrack]:
         """Protect every track; a failure is confined to the tracks of the failing batch."""
@@ -158,7 +213,9 @@ class TrackProtector:
                     ]
                 )
                 started = time.perf_counter()
-                result = pgd(self._embed_fn(rate, lengths), x, self.params, noise=noise, mask=mask)
+                embed = self._embed_fn(rate, lengths, self.eot_views, random=True)
+                constrain = self._constrain_fn(x, rate)
+                result = pgd(embed, x, self.params, noise=noise, mask=mask, constrain=constrain)
                 if x.device.type == "cuda":
                     torch.cuda.synchronize(x.device)
                 elapsed = time.perf_counter() - started
@@ -171,7 +228,7 @@ class TrackProtector:
                 deltas[w.track][w.index] = delta[b]
                 steps[w.track][w.index] = int(result.steps[b])
                 seconds[w.track] += elapsed / len(chunk)
-                if self.params.precision == "fp32":
+                if self.params.precision == "fp32" and self.eot_views == ("clean48k",):
                     clean_embeddings[(w.track, w.index)] = result.clean_embedding[b]
 
         outputs: list[ProtectedTrack] = []
@@ -188,6 +245,7 @@ class TrackProtector:
                 diff = out.samples.astype(np.float64) - track.samples
                 out.linf = float(np.abs(diff).max())
                 noise_energy = float((diff**2).sum())
+                out.l2 = noise_energy**0.5
                 signal_energy = float((track.samples.astype(np.float64) ** 2).sum())
                 if noise_energy == 0:
                     out.snr_db = float("inf")
@@ -203,38 +261,67 @@ class TrackProtector:
 
     @torch.no_grad()
     def _measure(self, tracks, plans, protected_sources, outputs, clean_embeddings, seconds) -> None:
-        """Δe and cosine of the audio as written (blended, quantised), in fp32, per window."""
-        delta_e: list[list[float]] = [[] for _ in tracks]
-        cosines: list[list[float]] = [[] for _ in tracks]
+        """Δe and cosine of the audio as written (blended, quantised), in fp32, per window; Δe
+        through the deterministic MusicLDM view; masking audibility of δ."""
+        per_track: list[dict[str, list[float]]] = [defaultdict(list) for _ in tracks]
+        clean_sources = [t.samples for t in tracks]
         for chunk in self._batches(tracks, plans):
             if all(outputs[w.track].error for w in chunk):
                 continue
             started = time.perf_counter()
             try:
                 adv, lengths, rate = self._stack(tracks, plans, chunk, protected_sources)
-                embed = self._embed_fn(rate, lengths)
+                clean, _, _ = self._stack(tracks, plans, chunk, clean_sources)
                 rows = torch.arange(len(chunk), device=adv.device)
-                adv_e = embed(adv, rows)
-                if all((w.track, w.index) in clean_embeddings for w in chunk):
-                    clean_e = torch.stack([clean_embeddings[(w.track, w.index)] for w in chunk])
-                else:
-                    clean, _, _ = self._stack(tracks, plans, chunk, [t.samples for t in tracks])
-                    clean_e = embed(clean, rows)
+                figures = self._window_figures(chunk, adv, clean, lengths, rate, rows, clean_embeddings)
             except Exception as exc:
                 for w in chunk:
                     outputs[w.track].error = outputs[w.track].error or f"measure: {type(exc).__name__}: {exc}"
                 continue
             elapsed = time.perf_counter() - started
-            distance = (adv_e - clean_e).norm(dim=-1).cpu()
-            cos = torch.nn.functional.cosine_similarity(adv_e, clean_e, dim=-1).cpu()
-            for b, w in enumerate(chunk):
-                delta_e[w.track].append(float(distance[b]))
-                cosines[w.track].append(float(cos[b]))
+            for name, values in figures.items():
+                for b, w in enumerate(chunk):
+                    per_track[w.track][name].append(float(values[b]))
+            for w in chunk:
                 outputs[w.track].seconds += elapsed / len(chunk)
         for t, out in enumerate(outputs):
             if out.error:
                 out.samples = None
                 continue
-            out.delta_e_mean = float(np.mean(delta_e[t]))
-            out.delta_e_min = float(np.min(delta_e[t]))
-            out.cos_mean = float(np.mean(cosines[t]))
+            figures = per_track[t]
+            out.delta_e_mean = float(np.mean(figures["delta_e"]))
+            out.delta_e_min = float(np.min(figures["delta_e"]))
+            out.cos_mean = float(np.mean(figures["cos"]))
+            if figures.get("delta_e_musicldm"):
+                out.delta_e_musicldm = float(np.mean(figures["delta_e_musicldm"]))
+            if figures.get("excess"):
+                out.mask_energy_above = float(np.sum(figures["excess"]) / max(np.sum(figures["power"]), 1e-20))
+                out.nmr_db = float(np.mean(figures["nmr_db"]))
+
+    def _window_figures(self, chunk, adv, clean, lengths, rate, rows, clean_embeddings) -> dict[str, torch.Tensor]:
+        """Per-window measurements of one batch: [B] tensors by name."""
+        embed = self._embed_fn(rate, lengths, ("clean48k",), random=False)
+        adv_e = embed(adv, rows)
+        if all((w.track, w.index) in clean_embeddings for w in chunk):
+            clean_e = torch.stack([clean_embeddings[(w.track, w.index)] for w in chunk])
+        else:
+            clean_e = embed(clean, rows)
+        figures = {
+            "delta_e": (adv_e - clean_e).norm(dim=-1).cpu(),
+            "cos": torch.nn.functional.cosine_similarity(adv_e, clean_e, dim=-1).cpu(),
+        }
+        if self.measure_musicldm:
+            view = self._embed_fn(rate, lengths, ("musicldm",), random=False)
+            figures["delta_e_musicldm"] = (view(adv, rows) - view(clean, rows)).norm(dim=-1).cpu()
+        if self.measure_masking:
+            batch, channels, samples = clean.shape
+            mask = (torch.arange(samples, device=clean.device)[None, :] < lengths[:, None])[:, None, :]
+            delta = ((adv - clean) * mask).reshape(batch * channels, samples)
+            result = audibility(clean.reshape(batch * channels, samples), delta, rate, self.masking)
+            power = delta.pow(2).sum(dim=-1).reshape(batch, channels).sum(dim=1).cpu()
+            share = result.energy_above_share.reshape(batch, channels).cpu()
+            channel_power = delta.pow(2).sum(dim=-1).reshape(batch, channels).cpu()
+            figures["excess"] = (share * channel_power).sum(dim=1)
+            figures["power"] = power
+            figures["nmr_db"] = result.nmr_db.reshape(batch, channels).mean(dim=1).cpu()
+        return figures

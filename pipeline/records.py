@@ -42,8 +42,15 @@ class ManifestRow:
     delta_e_mean: float = float("nan")  # ||CLAP(x+δ) - CLAP(x)||₂ over windows, fp32, on the written audio
     delta_e_min: float = float("nan")
     cos_mean: float = float("nan")  # cosine(CLAP(x+δ), CLAP(x)) over windows
+    delta_e_musicldm: float = float("nan")  # Δe through MusicLDM's view (16 kHz round trip, peak norm)
     linf: float = float("nan")  # max |x' - x| of the written samples (full scale 1.0)
+    l2: float = float("nan")  # ||x' - x||₂ over all samples and channels
     snr_db: float = float("nan")  # 10·log10(Σx² / Σ(x'-x)²)
+    segsnr_db: float = float("nan")  # segmental SNR over 20 ms frames, each clamped to [-10, 35] dB
+    pesq_wb: float = float("nan")  # wide-band PESQ (16 kHz mono; a speech metric, NaN when off)
+    stoi: float = float("nan")  # STOI (16 kHz mono; a speech metric, NaN when off)
+    mask_energy_above: float = float("nan")  # share of δ's energy above the clean signal's masking threshold
+    nmr_db: float = float("nan")  # noise-to-mask ratio, dB (< 0: δ under the threshold on average)
     steps_mean: float = float("nan")  # PGD steps actually run per window (early stop lowers it)
     seconds: float = 0.0  # accelerator seconds spent on this track
     encoder_id: str = ""
@@ -78,8 +85,15 @@ MANIFEST_SCHEMA = pa.schema(
         ("delta_e_mean", pa.float64()),
         ("delta_e_min", pa.float64()),
         ("cos_mean", pa.float64()),
+        ("delta_e_musicldm", pa.float64()),
         ("linf", pa.float64()),
+        ("l2", pa.float64()),
         ("snr_db", pa.float64()),
+        ("segsnr_db", pa.float64()),
+        ("pesq_wb", pa.float64()),
+        ("stoi", pa.float64()),
+        ("mask_energy_above", pa.float64()),
+        ("nmr_db", pa.float64()),
         ("steps_mean", pa.float64()),
         ("seconds", pa.float64()),
         ("encoder_id", pa.string()),

@@ -11,15 +11,18 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from pipeline.config import PipelineConfig
+from pipeline.config import ConfigError, PipelineConfig
 from pipeline.encoder import RANDOM_WARNING, CheckpointSpec
 from pipeline.manifest import merge_stats
+from pipeline.metrics import DriverMetrics, NoopMetrics
 from pipeline.records import ShardStats
 from pipeline.shards import OutputFolder, ShardRef, list_shards
 from pipeline.stages import rows as R
 from pipeline.stages.protect import ProtectActor
+from pipeline.stages.quality import QualitySettings, quality_batch
 from pipeline.stages.read import ReadSettings, read_shard
 from pipeline.stages.write import ShardWriter, WriteSettings, encode_batch
+from pipeline.views import get_view
 
 logger = logging.getLogger(__name__)
 
@@ -144,6 +147,14 @@ def build_dataset(cfg: PipelineConfig, pending: list[ShardRef]) -> Any:
         num_cpus=rt.num_cpus_per_actor,
         batch_format="numpy",
     )
+    q = cfg.quality
+    ds = ds.map_batches(
+        quality_batch,
+        fn_kwargs={"settings": QualitySettings(segsnr=q.segsnr, pesq=q.pesq, stoi=q.stoi)},
+        batch_size=1,
+        num_cpus=rt.io_cpus,
+        batch_format="numpy",
+    )
     ds = ds.map_batches(encode_batch, batch_size=rt.tracks_per_call, num_cpus=rt.io_cpus, batch_format="numpy")
     ds = ds.map_batches(
         ShardWriter,
@@ -158,10 +169,20 @@ def build_dataset(cfg: PipelineConfig, pending: list[ShardRef]) -> Any:
     return ds
 
 
-def run(cfg: PipelineConfig, on_summary: Callable[[dict[str, Any]], None] | None = None) -> RunSummary:
+def run(
+    cfg: PipelineConfig,
+    on_summary: Callable[[dict[str, Any]], None] | None = None,
+    metrics: NoopMetrics | None = None,
+) -> RunSummary:
     """Protect every pending shard of `cfg.io.input` into `cfg.io.output`; returns totals merged
-    from the stats markers on storage."""
+    from the stats markers on storage. `metrics` defaults to a Prometheus endpoint on
+    runtime.metrics_port (none when that is null)."""
     started = time.perf_counter()
+    for name in cfg.attack.eot_views:
+        try:
+            get_view(name)
+        except KeyError as exc:
+            raise ConfigError(f"attack.eot_views: {exc.args[0]}") from exc
     options = cfg.io.storage.storage_options()
     random_encoder = CheckpointSpec.parse(cfg.encoder.checkpoint, cfg.encoder.amodel).is_random
     if random_encoder:
@@ -180,13 +201,31 @@ def run(cfg: PipelineConfig, on_summary: Callable[[dict[str, Any]], None] | None
             flush=True,
         )
     this_run = ShardStats()
-    if run_plan.pending:
-        init_ray(cfg)
-        for summary in build_dataset(cfg, run_plan.pending).iter_rows():
-            progress.update(summary)
-            this_run = this_run + ShardStats.from_json(summary["stats_json"])
-            if on_summary is not None:
-                on_summary(summary)
+    owns_metrics = metrics is None
+    if metrics is None:
+        port = cfg.runtime.metrics_port
+        metrics = DriverMetrics(port, addr=cfg.runtime.metrics_addr) if port is not None else NoopMetrics()
+    metrics.shards_total(len(run_plan.pending))
+    input_urls = {s.shard_id: s.url for s in run_plan.pending}
+    try:
+        if run_plan.pending:
+            init_ray(cfg)
+            for summary in build_dataset(cfg, run_plan.pending).iter_rows():
+                progress.update(summary)
+                stats = ShardStats.from_json(summary["stats_json"])
+                this_run = this_run + stats
+                metrics.record_committed_shard(
+                    out,
+                    summary["shard_id"],
+                    stats,
+                    input_url=input_urls.get(summary["shard_id"]),
+                    storage_options=options,
+                )
+                if on_summary is not None:
+                    on_summary(summary)
+    finally:
+        if owns_metrics:
+            metrics.stop()
     return RunSummary(
         processed_shards=progress.done,
         skipped_shards=len(run_plan.skipped),

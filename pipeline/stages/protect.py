@@ -4,6 +4,7 @@ it is handed. Decode happens before it and encode/upload after it, in CPU stages
 from __future__ import annotations
 
 import logging
+import math
 from typing import Any
 
 import numpy as np
@@ -12,6 +13,7 @@ import torch
 from pipeline.config import PipelineConfig
 from pipeline.encoder import load_encoder
 from pipeline.engine import PGDParams
+from pipeline.metrics import ActorMetrics, error_kind
 from pipeline.protect import Track, TrackProtector
 from pipeline.stages import rows as R
 
@@ -53,6 +55,10 @@ def build_protector(cfg: PipelineConfig) -> TrackProtector:
         overlap_seconds=cfg.audio.overlap_seconds,
         batch_windows=cfg.runtime.batch_windows,
         seed=a.seed,
+        perceptual=a.perceptual,
+        eot_views=a.eot_views,
+        measure_musicldm=cfg.quality.musicldm_view,
+        measure_masking=cfg.quality.masking,
     )
 
 
@@ -64,6 +70,7 @@ class ProtectActor:
         torch.set_num_threads(threads)
         self.protector = build_protector(cfg)
         self.encoder_id = self.protector.encoder.encoder_id
+        self.metrics = ActorMetrics()
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
         rows = R.batch_to_rows(batch)
@@ -81,6 +88,7 @@ class ProtectActor:
             for i in todo:
                 rows[i].update({R.STATUS: "error", R.ERROR: f"pgd: {type(exc).__name__}: {exc}"})
         for row in rows:
+            row[R.CLEAN_PCM] = row[R.PCM] if row[R.STATUS] == "ok" else b""
             row[R.PCM] = b""
             row[R.ENCODER_ID] = self.encoder_id
             for name in R.STATS:
@@ -90,9 +98,24 @@ class ProtectActor:
                 continue
             row = rows[i]
             if result.error:
-                row.update({R.STATUS: "error", R.ERROR: result.error})
+                row.update({R.STATUS: "error", R.ERROR: result.error, R.CLEAN_PCM: b""})
                 continue
             row[R.PCM] = result.samples.tobytes()
             for name in R.STATS:
                 row[name] = float(getattr(result, name))
+        self._record_metrics(rows, todo, results)
         return R.rows_to_batch(rows, list(rows[0].keys()) if rows else list(batch.keys()))
+
+    def _record_metrics(self, rows: list[dict[str, Any]], todo: list[int], results: list[Any]) -> None:
+        done = [r for r in results if r is not None and not r.error]
+        errors: dict[str, int] = {}
+        for i in todo:
+            if rows[i][R.STATUS] == "error":
+                kind = error_kind(rows[i][R.ERROR])
+                errors[kind] = errors.get(kind, 0) + 1
+        self.metrics.batch_done(
+            windows=sum(r.n_windows for r in done),
+            seconds=sum(r.seconds for r in done),
+            steps=round(sum(r.steps_mean * r.n_windows for r in done if math.isfinite(r.steps_mean))),
+            errors=errors,
+        )

@@ -13,13 +13,21 @@ MEMBER_NAMES, MEMBER_DATA, AUDIO_MEMBER = "member_names", "member_data", "audio_
 PCM, N_SAMPLES, CHANNELS, SAMPLE_RATE = "pcm", "n_samples", "channels", "sample_rate"
 OUT_FORMAT, OUT_SUBTYPE, OUT_EXT = "out_format", "out_subtype", "out_ext"
 AUDIO_BYTES = "audio_bytes"
-STATS = (
+CLEAN_PCM = "clean_pcm"  # the clean float32 PCM, carried from the actor to the quality stage
+STATS = (  # per-item figures filled by the protect and quality stages, copied into the manifest
     "n_windows",
     "delta_e_mean",
     "delta_e_min",
     "cos_mean",
+    "delta_e_musicldm",
     "linf",
+    "l2",
     "snr_db",
+    "segsnr_db",
+    "pesq_wb",
+    "stoi",
+    "mask_energy_above",
+    "nmr_db",
     "steps_mean",
     "seconds",
 )

@@ -1,0 +1,836 @@
+"""`unlearnable report`: one self-contained HTML page about a run's output folder.
+
+Reads every `<shard>.parquet` manifest and `<shard>.stats.json` marker under an output folder (local
+or s3://), plus `_config.yaml`, `robustness.parquet` / `robustness.md` when present, and writes an
+HTML file with its PNG figures embedded (base64): Δe against the target, quality distributions,
+slowest and worst items, errors by kind, and (with `--clean`) clean vs protected spectrograms and
+the spectrum of δ for a few items. Nothing is fetched from the network by the page itself.
+
+Example::
+
+    unlearnable report --output s3://bucket/protected/ --clean s3://bucket/catalog/ \
+        --endpoint-url http://127.0.0.1:8333 --addressing-style path --out report.html
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import datetime as dt
+import html
+import io
+import logging
+import math
+import posixpath
+import sys
+import tarfile
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import yaml
+
+from pipeline.records import MANIFEST_SCHEMA, ShardStats
+from pipeline.shards import OutputFolder, filesystem, list_shards, open_url
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_TARGET = 0.5
+BASE_QUALITY = ("snr_db", "linf", "cos_mean", "steps_mean")
+QUALITY_LABELS = {
+    "snr_db": "SNR of δ (dB)",
+    "linf": "L∞ of δ (full scale 1.0)",
+    "cos_mean": "cosine(CLAP(x+δ), CLAP(x))",
+    "steps_mean": "PGD steps per window",
+    "pesq_wb": "PESQ wide-band",
+    "stoi": "STOI",
+    "nmr_db": "noise-to-mask ratio (dB)",
+    "seconds": "accelerator seconds per item",
+}
+NOT_QUALITY = {"delta_e_mean", "delta_e_min", "duration_s", "sample_rate", "channels", "n_windows", "seconds"}
+MANIFEST_NAMES = set(MANIFEST_SCHEMA.names)
+SPECTRO_SECONDS = 20.0  # only the first seconds of a track go into its spectrograms
+CLAP_FMAX = 14_000.0  # CLAP's mel front end stops here
+MUSICLDM_FMAX = 8_000.0  # MusicLDM trains on 16 kHz audio, mels up to 8 kHz
+BATCH_FILES = 256  # manifests fetched per fs.cat call
+
+
+class ReportError(RuntimeError):
+    """The output folder cannot be reported on (nothing there, unreadable)."""
+
+
+@dataclass
+class OutputData:
+    """Everything read from an output folder."""
+
+    url: str
+    columns: dict[str, np.ndarray]  # one entry per manifest column (+ shard_id), all rows of all shards
+    stats: ShardStats  # markers summed
+    shards: list[str]  # completed shard ids
+    orphans: list[str] = field(default_factory=list)  # manifests without a marker (interrupted)
+    config: dict[str, Any] = field(default_factory=dict)
+    config_text: str = ""
+    robustness_table: pa.Table | None = None
+    robustness_md: str = ""
+    extra_columns: list[str] = field(default_factory=list)  # numeric columns beyond the schema
+
+    @property
+    def n_rows(self) -> int:
+        return len(self.columns.get("key", []))
+
+    @property
+    def target(self) -> float:
+        value = (self.config.get("attack") or {}).get("target_delta_e")
+        try:
+            return float(value) if value is not None else DEFAULT_TARGET
+        except (TypeError, ValueError):
+            return DEFAULT_TARGET
+
+    @property
+    def encoder_ids(self) -> list[str]:
+        ids = {str(e) for e in self.columns.get("encoder_id", []) if e}
+        if self.stats.encoder_id:
+            ids.add(self.stats.encoder_id)
+        return sorted(ids)
+
+
+# ----------------------------------------------------------------------------------------- reading
+
+
+def _read_optional(out: OutputFolder, name: str) -> bytes | None:
+    try:
+        with out.fs.open(out.key(name), "rb") as f:
+            return f.read()
+    except FileNotFoundError:
+        return None
+
+
+def load_output(url: str, storage_options: Mapping[str, Any] | None = None) -> OutputData:
+    """Read manifests, markers, config and robustness results under `url`.
+
+    Raises:
+        ReportError: the folder does not exist or holds no completed shard.
+    """
+    out = OutputFolder(url, storage_options)
+    try:
+        names = [posixpath.basename(n) for n in out.fs.ls(out.path, detail=False)]
+    except FileNotFoundError as exc:
+        raise ReportError(f"output folder not found: {url}") from exc
+    markers = sorted(n[: -len(".stats.json")] for n in names if n.endswith(".stats.json"))
+    manifests = {n[: -len(".parquet")] for n in names if n.endswith(".parquet") and n != "robustness.parquet"}
+    shards = [s for s in markers if s in manifests]
+    orphans = sorted(manifests - set(markers))
+    if not shards:
+        raise ReportError(f"no completed shard (<id>.parquet + <id>.stats.json) under {url}")
+
+    stats = ShardStats()
+    tables: list[pa.Table] = []
+    for start in range(0, len(shards), BATCH_FILES):
+        chunk = shards[start : start + BATCH_FILES]
+        paths = [out.key(f"{s}.parquet") for s in chunk] + [out.key(out.marker_name(s)) for s in chunk]
+        # keyed by basename: filesystems spell the returned paths their own way (protocol, slashes)
+        blobs = {posixpath.basename(k): v for k, v in out.fs.cat(paths).items()}
+        for shard_id in chunk:
+            stats = stats + ShardStats.from_json(blobs[out.marker_name(shard_id)].decode())
+            table = pq.read_table(io.BytesIO(blobs[f"{shard_id}.parquet"]))
+            tables.append(table.append_column("shard_id", pa.array([shard_id] * table.num_rows, pa.string())))
+    table = pa.concat_tables(tables, promote_options="permissive")
+    columns = {name: table.column(name).to_numpy(zero_copy_only=False) for name in table.column_names}
+    extra = [
+        f.name
+        for f in table.schema
+        if f.name not in MANIFEST_NAMES
+        and f.name != "shard_id"
+        and (pa.types.is_floating(f.type) or pa.types.is_integer(f.type))
+    ]
+    for name in extra:
+        columns[name] = np.asarray(table.column(name).to_pylist(), dtype=float)  # nulls -> nan
+
+    data = OutputData(url=url, columns=columns, stats=stats, shards=shards, orphans=orphans, extra_columns=extra)
+    config_bytes = _read_optional(out, "_config.yaml")
+    if config_bytes:
+        data.config_text = config_bytes.decode("utf-8", "replace")
+        try:
+            loaded = yaml.safe_load(data.config_text)
+            data.config = loaded if isinstance(loaded, dict) else {}
+        except yaml.YAMLError as exc:
+            logger.warning("_config.yaml unreadable: %s", exc)
+    robustness = _read_optional(out, "robustness.parquet")
+    if robustness:
+        data.robustness_table = pq.read_table(io.BytesIO(robustness))
+    robustness_md = _read_optional(out, "robustness.md")
+    if robustness_md:
+        data.robustness_md = robustness_md.decode("utf-8", "replace")
+    return data
+
+
+def read_members(url: str, names: set[str], storage_options: Mapping[str, Any] | None = None) -> dict[str, bytes]:
+    """Stream a tar and return the bytes of the wanted members (stops once all are found)."""
+    found: dict[str, bytes] = {}
+    fs, path = filesystem(url, storage_options)
+    with fs.open(path, "rb") as raw, tarfile.open(fileobj=raw, mode="r|*") as tar:
+        for member in tar:
+            if member.name in names and member.isfile():
+                handle = tar.extractfile(member)
+                found[member.name] = handle.read() if handle is not None else b""
+                if len(found) == len(names):
+                    break
+    return found
+
+
+# ----------------------------------------------------------------------------------------- figures
+
+
+def _figure(width: float, height: float) -> Any:
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=(width, height), dpi=100, layout="constrained")
+
+
+def _png(fig: Any) -> str:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def _img(b64: str, alt: str) -> str:
+    return f'<img src="data:image/png;base64,{b64}" alt="{html.escape(alt)}">'
+
+
+def _finite(values: np.ndarray) -> np.ndarray:
+    values = np.asarray(values, dtype=float)
+    return values[np.isfinite(values)]
+
+
+def delta_e_figure(mean: np.ndarray, minimum: np.ndarray, target: float) -> str:
+    fig = _figure(10, 3.6)
+    ax = fig.add_subplot()
+    mean, minimum = _finite(mean), _finite(minimum)
+    top = max(1.4, float(np.max(mean, initial=0.0)), float(np.max(minimum, initial=0.0))) * 1.02
+    bins = np.linspace(0.0, top, 57)
+    ax.hist(mean, bins=bins, alpha=0.75, label=f"Δe mean per item (n={mean.size})", color="#3465a4")
+    ax.hist(
+        minimum,
+        bins=bins,
+        histtype="step",
+        linewidth=1.6,
+        label="Δe min per item (worst window)",
+        color="#cc0000",
+    )
+    ax.axvline(target, color="black", linestyle="--", linewidth=1.4, label=f"target {target:g}")
+    ax.set_xlabel("Δe = ‖CLAP(x+δ) − CLAP(x)‖₂ (fp32, on the written audio)")
+    ax.set_ylabel("items")
+    ax.legend(loc="upper right")
+    ax.grid(alpha=0.3)
+    return _png(fig)
+
+
+def quality_figure(columns: dict[str, np.ndarray], names: list[str]) -> str:
+    from matplotlib.ticker import MaxNLocator
+
+    cols = 3
+    rows = math.ceil(len(names) / cols)
+    fig = _figure(12, 3.0 * rows)
+    for i, name in enumerate(names):
+        ax = fig.add_subplot(rows, cols, i + 1)
+        values = _finite(columns[name])
+        if values.size:
+            lo, hi = float(values.min()), float(values.max())
+            if hi - lo <= 1e-9 * max(1.0, abs(hi)):  # one value: a narrow bar around it, not ±0.5
+                pad = max(abs(hi) * 0.05, 1e-6)
+                lo, hi = lo - pad, hi + pad
+            ax.hist(values, bins=np.linspace(lo, hi, 41), color="#4e9a06", alpha=0.85)
+            ax.axvline(float(np.median(values)), color="black", linewidth=1, linestyle=":")
+        else:
+            ax.text(0.5, 0.5, "no finite values", ha="center", va="center", transform=ax.transAxes)
+        ax.xaxis.set_major_locator(MaxNLocator(5))  # long tick labels (0.00295) must not collide
+        ax.set_title(f"{QUALITY_LABELS.get(name, name)}  (n={values.size})", fontsize=10)
+        ax.grid(alpha=0.3)
+    return _png(fig)
+
+
+def _mono(samples: np.ndarray) -> np.ndarray:
+    return samples.mean(axis=1) if samples.ndim == 2 else samples
+
+
+def _stft_db(x: np.ndarray, n_fft: int = 2048, hop: int = 512) -> np.ndarray:
+    """|STFT| in dB re full-scale sine, [freq, frames]."""
+    if x.size < n_fft:
+        x = np.pad(x, (0, n_fft - x.size))
+    window = np.hanning(n_fft).astype(np.float32)
+    frames = np.lib.stride_tricks.sliding_window_view(x, n_fft)[::hop] * window
+    magnitude = np.abs(np.fft.rfft(frames, axis=1)).T * (2.0 / window.sum())
+    return 20.0 * np.log10(np.maximum(magnitude, 1e-10))
+
+
+def _welch_db(x: np.ndarray, n_fft: int = 4096) -> np.ndarray:
+    """Average magnitude spectrum in dB re full-scale sine."""
+    spec = _stft_db(x, n_fft=n_fft, hop=n_fft // 2)
+    return 10.0 * np.log10(np.maximum(np.mean(10.0 ** (spec / 10.0), axis=1), 1e-20))
+
+
+def spectrogram_figure(clean: np.ndarray, protected: np.ndarray, rate: int, title: str) -> str:
+    n = min(clean.shape[0], protected.shape[0], int(SPECTRO_SECONDS * rate))
+    x, y = _mono(clean[:n]), _mono(protected[:n])
+    delta = y - x
+    s_clean, s_prot, s_delta = _stft_db(x), _stft_db(y), _stft_db(delta)
+    extent = (0.0, n / rate, 0.0, rate / 2000.0)
+    fig = _figure(12, 6.6)
+    fig.suptitle(title, fontsize=11)
+    vmax = float(np.max(s_clean, initial=-120.0))
+    panels = [
+        (s_clean, "clean x", vmax - 90, vmax),
+        (s_prot, "protected x+δ", vmax - 90, vmax),
+        (s_delta, "δ = protected − clean", None, None),
+    ]
+    for i, (spec, label, lo, hi) in enumerate(panels):
+        ax = fig.add_subplot(2, 2, i + 1)
+        if lo is None:
+            hi = float(np.percentile(s_delta, 99.5))
+            lo = hi - 60
+        im = ax.imshow(spec, origin="lower", aspect="auto", extent=extent, vmin=lo, vmax=hi, cmap="magma")
+        ax.set_title(label, fontsize=10)
+        ax.set_xlabel("s")
+        ax.set_ylabel("kHz")
+        fig.colorbar(im, ax=ax, label="dBFS")
+    ax = fig.add_subplot(2, 2, 4)
+    freqs = np.fft.rfftfreq(4096, 1.0 / rate) / 1000.0
+    ax.plot(freqs, _welch_db(x), label="clean", color="#3465a4", linewidth=1)
+    ax.plot(freqs, _welch_db(delta), label="δ", color="#cc0000", linewidth=1)
+    for fmax, label in ((MUSICLDM_FMAX, "MusicLDM fmax"), (CLAP_FMAX, "CLAP fmax")):
+        if fmax < rate / 2:
+            ax.axvline(fmax / 1000.0, color="gray", linestyle="--", linewidth=1)
+            ax.text(
+                fmax / 1000.0, 0.97, label + " ", transform=ax.get_xaxis_transform(), fontsize=8,
+                rotation=90, ha="right", va="top", color="dimgray",
+            )  # fmt: skip
+    ax.set_xlabel("kHz")
+    ax.set_ylabel("dBFS (mean spectrum)")
+    ax.set_title("spectrum of δ vs clean", fontsize=10)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)  # outside: never over a line
+    ax.grid(alpha=0.3)
+    return _png(fig)
+
+
+# ------------------------------------------------------------------------------------------- HTML
+
+
+CSS = """
+body { font-family: system-ui, -apple-system, "DejaVu Sans", sans-serif; margin: 24px auto; max-width: 1240px;
+       color: #222; line-height: 1.4; padding: 0 16px; }
+h1 { font-size: 1.6em; margin-bottom: 0.2em; }
+h2 { border-bottom: 1px solid #ccc; padding-bottom: 4px; margin-top: 1.6em; }
+.meta { color: #555; font-size: 0.9em; }
+.banner { background: #fce94f; border: 2px solid #c4a000; padding: 12px 16px; font-weight: 600;
+          margin: 16px 0; }
+.warn { background: #fff3cd; border-left: 4px solid #e0a800; padding: 8px 12px; }
+.note { color: #555; font-size: 0.9em; }
+table { border-collapse: collapse; margin: 8px 0 16px; font-size: 0.88em; }
+th, td { border: 1px solid #ddd; padding: 3px 8px; text-align: left; vertical-align: top; }
+td.num, th.num { text-align: right; font-variant-numeric: tabular-nums; }
+th { background: #f2f2f2; }
+tr:nth-child(even) td { background: #fafafa; }
+img { max-width: 100%; height: auto; display: block; margin: 8px 0; }
+.cards { display: flex; flex-wrap: wrap; gap: 10px; margin: 12px 0; }
+.card { border: 1px solid #ddd; border-radius: 6px; padding: 8px 14px; min-width: 120px; }
+.card .v { font-size: 1.35em; font-weight: 600; } .card .k { color: #666; font-size: 0.82em; }
+code, pre { font-family: "DejaVu Sans Mono", monospace; font-size: 0.85em; }
+pre { background: #f6f6f6; padding: 8px; overflow-x: auto; }
+"""
+
+
+def _fmt(value: Any, digits: int = 3) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, (bool, np.bool_)):
+        return str(bool(value)).lower()
+    if isinstance(value, (int, np.integer)):
+        return f"{int(value):,}"
+    if isinstance(value, (float, np.floating)):
+        value = float(value)
+        if math.isnan(value):
+            return "–"
+        magnitude = abs(value)
+        if value != 0 and (magnitude >= 1e6 or magnitude < 0.1):
+            return f"{value:.{digits}g}"  # 0.00298, 1.23e+07
+        if magnitude >= 1000:
+            return f"{value:,.0f}"
+        if magnitude >= 10:
+            return f"{value:.1f}"
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def _duration(seconds: float) -> str:
+    if seconds >= 3600:
+        return f"{seconds / 3600:,.1f} h"
+    if seconds >= 60:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds:.1f} s"
+
+
+def html_table(headers: Sequence[str], rows: Sequence[Sequence[Any]], numeric: Sequence[bool] | None = None) -> str:
+    if numeric is None:
+        numeric = [
+            all(isinstance(r[i], (int, float, np.number)) for r in rows if r[i] is not None)
+            for i in range(len(headers))
+        ]
+    head = "".join(
+        f'<th class="{"num" if n else ""}">{html.escape(h)}</th>' for h, n in zip(headers, numeric, strict=True)
+    )
+    body = "".join(
+        "<tr>"
+        + "".join(
+            f'<td class="{"num" if n else ""}">{html.escape(_fmt(v))}</td>' for v, n in zip(row, numeric, strict=True)
+        )
+        + "</tr>"
+        for row in rows
+    )
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def markdown_to_html(text: str) -> str:
+    """Headings, pipe tables and paragraphs of a small Markdown file (everything escaped)."""
+    parts: list[str] = []
+    lines = text.splitlines()
+    i = 0
+    while i < len(lines):
+        line = lines[i].rstrip()
+        if line.startswith("|"):
+            block = []
+            while i < len(lines) and lines[i].strip().startswith("|"):
+                block.append([c.strip() for c in lines[i].strip().strip("|").split("|")])
+                i += 1
+            body = [r for r in block[1:] if not all(set(c) <= set("-: ") for c in r)]
+            parts.append(html_table(block[0], body, numeric=[False] * len(block[0])))
+            continue
+        if line.startswith("#"):
+            level = min(6, len(line) - len(line.lstrip("#")) + 2)
+            parts.append(f"<h{level}>{html.escape(line.lstrip('#').strip())}</h{level}>")
+        elif line.strip():
+            parts.append(f"<p>{html.escape(line)}</p>")
+        i += 1
+    return "\n".join(parts)
+
+
+def _percentiles(values: np.ndarray) -> list[Any]:
+    v = _finite(values)
+    if not v.size:
+        return [0, *([float("nan")] * 6)]
+    p = np.percentile(v, [5, 50, 95])
+    return [
+        int(v.size),
+        float(v.min()),
+        float(p[0]),
+        float(p[1]),
+        float(p[2]),
+        float(v.max()),
+        float(v.mean()),
+    ]
+
+
+def _error_kind(message: str) -> str:
+    return message.split(":", 1)[0].strip()[:60] or "unknown"
+
+
+@dataclass
+class Example:
+    """One item shown with spectrograms."""
+
+    shard_id: str
+    key: str
+    input_member: str
+    output_member: str
+    delta_e: float
+    snr_db: float
+    why: str
+
+
+def pick_examples(data: OutputData, n: int) -> list[Example]:
+    """Lowest, median and highest Δe among written ok items, then evenly spaced ones."""
+    c = data.columns
+    ok = np.flatnonzero(
+        (c["status"] == "ok") & c["written"].astype(bool) & np.isfinite(c["delta_e_mean"].astype(float))
+    )
+    if not ok.size or n <= 0:
+        return []
+    order = ok[np.argsort(c["delta_e_mean"][ok].astype(float), kind="stable")]
+    picks = [(0, "lowest Δe"), (len(order) // 2, "median Δe"), (len(order) - 1, "highest Δe")]
+    if n > 3:
+        picks += [(round(p), "") for p in np.linspace(0, len(order) - 1, n)[1:-1]]
+    chosen: list[Example] = []
+    seen: set[int] = set()
+    for position, why in picks:
+        idx = int(order[position])
+        if idx in seen:
+            continue
+        seen.add(idx)
+        chosen.append(
+            Example(
+                shard_id=str(c["shard_id"][idx]),
+                key=str(c["key"][idx]),
+                input_member=str(c["input_member"][idx]),
+                output_member=str(c["output_member"][idx]),
+                delta_e=float(c["delta_e_mean"][idx]),
+                snr_db=float(c["snr_db"][idx]),
+                why=why,
+            )
+        )
+        if len(chosen) >= n:
+            break
+    return chosen
+
+
+def examples_section(data: OutputData, clean_url: str | None, n: int, storage_options: Mapping[str, Any] | None) -> str:
+    from pipeline.audio import decode
+
+    parts = ["<h2 id='spectrograms'>Clean vs protected</h2>"]
+    examples = pick_examples(data, n)
+    if not clean_url:
+        hint = (data.config.get("io") or {}).get("input") or "the input shards"
+        parts.append(
+            f"<p class='note'>Pass <code>--clean {html.escape(str(hint))}</code> "
+            "to compare clean and protected audio.</p>"
+        )
+        return "\n".join(parts)
+    if not examples:
+        parts.append("<p class='note'>No written ok item to show.</p>")
+        return "\n".join(parts)
+    try:
+        clean_shards = {ref.shard_id: ref.url for ref in list_shards(clean_url, storage_options)}
+    except Exception as exc:
+        parts.append(
+            f"<p class='warn'>Cannot list clean shards at {html.escape(clean_url)}: {html.escape(str(exc))}</p>"
+        )
+        return "\n".join(parts)
+    out = OutputFolder(data.url, storage_options)
+    by_shard: dict[str, list[Example]] = {}
+    for ex in examples:
+        by_shard.setdefault(ex.shard_id, []).append(ex)
+    figures: dict[tuple[str, str], str] = {}
+    for shard_id, items in by_shard.items():
+        try:
+            if shard_id not in clean_shards:
+                raise ReportError(f"no clean shard {shard_id}.tar under {clean_url}")
+            clean = read_members(clean_shards[shard_id], {e.input_member for e in items}, storage_options)
+            protected = read_members(out.url + f"/{shard_id}.tar", {e.output_member for e in items}, storage_options)
+            for ex in items:
+                if ex.input_member not in clean or ex.output_member not in protected:
+                    figures[(shard_id, ex.key)] = "<p class='warn'>member missing from a shard</p>"
+                    continue
+                x, y = (
+                    decode(clean[ex.input_member], min_seconds=0.0),
+                    decode(protected[ex.output_member], min_seconds=0.0),
+                )
+                if x.sample_rate != y.sample_rate:
+                    figures[(shard_id, ex.key)] = "<p class='warn'>sample rates differ</p>"
+                    continue
+                why = ex.why or "sample"
+                title = f"{shard_id} / {ex.key}: Δe {ex.delta_e:.3f}, SNR {ex.snr_db:.1f} dB ({why})"
+                figures[(shard_id, ex.key)] = _img(
+                    spectrogram_figure(x.samples, y.samples, x.sample_rate, title), title
+                )
+        except Exception as exc:  # one unreadable shard must not sink the report
+            logger.warning("spectrograms for %s: %s", shard_id, exc)
+            for ex in items:
+                figures.setdefault(
+                    (shard_id, ex.key),
+                    f"<p class='warn'>{html.escape(type(exc).__name__)}: {html.escape(str(exc))}</p>",
+                )
+    parts.append(
+        f"<p class='note'>First {SPECTRO_SECONDS:g} s of each track, channels averaged. "
+        "δ's panel has its own colour scale. Dashed lines: where MusicLDM's and CLAP's mel front ends "
+        "stop; δ above them never reaches that model.</p>"
+    )
+    for ex in examples:
+        where = html.escape(f"{ex.shard_id}, {ex.why or 'sample'}")
+        parts.append(f"<h3>{html.escape(ex.key)} <span class='note'>({where})</span></h3>")
+        parts.append(figures.get((ex.shard_id, ex.key), ""))
+    return "\n".join(parts)
+
+
+def render(
+    data: OutputData,
+    clean_url: str | None = None,
+    examples: int = 3,
+    top: int = 15,
+    target: float | None = None,
+    storage_options: Mapping[str, Any] | None = None,
+) -> str:
+    """The whole HTML page."""
+    c, s = data.columns, data.stats
+    target = data.target if target is None else target
+    status = c["status"]
+    ok = status == "ok"
+    parts: list[str] = []
+    encoders = data.encoder_ids
+    now = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    parts.append("<h1>Music Unlearnable: protection report</h1>")
+    parts.append(
+        f"<p class='meta'>output <code>{html.escape(data.url)}</code> · generated {now} · "
+        f"encoder {html.escape(', '.join(encoders) or '?')} · config {html.escape(s.config_hash or '?')}</p>"
+    )
+    if any(e.startswith("random:") for e in encoders):
+        parts.append(
+            "<div class='banner'>Random CLAP weights were used (encoder "
+            + html.escape(", ".join(e for e in encoders if e.startswith("random:")))
+            + "): these outputs protect nothing. The figures below show the machinery runs; they say nothing "
+            "about protection against a real CLAP-conditioned model.</div>"
+        )
+    if data.orphans:
+        parts.append(
+            f"<p class='warn'>{len(data.orphans)} manifest(s) without a completion marker "
+            f"(interrupted shards, left out): {html.escape(', '.join(data.orphans[:10]))}"
+            f"{' …' if len(data.orphans) > 10 else ''}</p>"
+        )
+
+    de = c["delta_e_mean"].astype(float)
+    de_min = c["delta_e_min"].astype(float)
+    reached = int(np.sum(ok & (de_min >= target)))
+    cards = [
+        ("shards", f"{len(data.shards):,}"),
+        ("items", f"{s.items:,}"),
+        ("ok", f"{s.ok:,}"),
+        ("errors", f"{s.error:,}"),
+        ("audio", _duration(s.audio_seconds)),
+        ("windows", f"{s.windows:,}"),
+        ("Δe mean", _fmt(s.delta_e_mean)),
+        (f"Δe min ≥ {target:g}", f"{reached / max(1, int(ok.sum())):.1%}"),
+        (
+            "accel. s / audio s",
+            _fmt(s.accelerator_seconds / s.audio_seconds if s.audio_seconds else float("nan")),
+        ),
+    ]
+    parts.append(
+        "<div class='cards'>"
+        + "".join(
+            f"<div class='card'><div class='v'>{html.escape(v)}</div><div class='k'>{html.escape(k)}</div></div>"
+            for k, v in cards
+        )
+        + "</div>"
+    )
+    parts.append(
+        html_table(
+            ["", "count"],
+            [
+                ["items", s.items],
+                ["ok", s.ok],
+                ["error", s.error],
+                ["  passthrough (original bytes written)", s.passthrough],
+                ["  dropped (left out of the output)", s.dropped],
+                ["ok items with Δe min under the target", s.delta_e_below_target],
+                ["accelerator seconds", s.accelerator_seconds],
+                ["writer wall seconds (summed over shards)", s.wall_seconds],
+            ],
+        )
+    )
+
+    parts.append(f"<h2 id='delta-e'>Δe against the target ({target:g})</h2>")
+    if np.isfinite(de[ok]).any():
+        parts.append(_img(delta_e_figure(de[ok], de_min[ok], target), "Δe histogram"))
+        parts.append(
+            html_table(
+                ["", "n", "min", "p5", "median", "p95", "max", "mean"],
+                [["Δe mean", *_percentiles(de[ok])], ["Δe min (worst window)", *_percentiles(de_min[ok])]],
+            )
+        )
+    else:
+        parts.append("<p class='note'>No ok item with a Δe.</p>")
+
+    parts.append("<h2 id='quality'>Quality of δ and PGD effort</h2>")
+    quality = [n for n in (*BASE_QUALITY, *data.extra_columns) if n in c and n not in NOT_QUALITY]
+    quality.append("seconds")
+    parts.append(_img(quality_figure({n: c[n][ok] for n in quality}, quality), "quality distributions"))
+    parts.append(
+        html_table(
+            ["metric", "n", "min", "p5", "median", "p95", "max", "mean"],
+            [[QUALITY_LABELS.get(n, n), *_percentiles(c[n][ok])] for n in quality],
+            numeric=[False, *([True] * 7)],
+        )
+    )
+
+    ok_idx = np.flatnonzero(ok)
+    seconds = c["seconds"].astype(float)
+    duration = c["duration_s"].astype(float)
+    parts.append(f"<h2 id='slowest'>Slowest items (top {top} by accelerator seconds)</h2>")
+    slow = ok_idx[np.argsort(-np.nan_to_num(seconds[ok_idx], nan=-1.0), kind="stable")][:top]
+    parts.append(
+        html_table(
+            ["shard", "key", "duration s", "accel. s", "s per audio s", "windows", "steps/window", "Δe mean"],
+            [
+                [
+                    c["shard_id"][i],
+                    c["key"][i],
+                    duration[i],
+                    seconds[i],
+                    seconds[i] / duration[i] if duration[i] else float("nan"),
+                    int(c["n_windows"][i]),
+                    float(c["steps_mean"][i]),
+                    float(de[i]),
+                ]
+                for i in slow
+            ],
+        )
+    )
+    parts.append(f"<h2 id='worst'>Worst items (top {top} by lowest Δe mean)</h2>")
+    worst = ok_idx[np.argsort(np.nan_to_num(de[ok_idx], nan=-1.0), kind="stable")][:top]
+    parts.append(
+        html_table(
+            ["shard", "key", "Δe mean", "Δe min", "cos", "SNR dB", "L∞", "steps/window", "format"],
+            [
+                [
+                    c["shard_id"][i],
+                    c["key"][i],
+                    float(de[i]),
+                    float(de_min[i]),
+                    float(c["cos_mean"][i]),
+                    float(c["snr_db"][i]),
+                    float(c["linf"][i]),
+                    float(c["steps_mean"][i]),
+                    c["output_format"][i],
+                ]
+                for i in worst
+            ],
+        )
+    )
+
+    parts.append("<h2 id='errors'>Errors</h2>")
+    err_idx = np.flatnonzero(status == "error")
+    if err_idx.size:
+        kinds: Counter[str] = Counter()
+        example: dict[str, tuple[str, str, str]] = {}
+        outcome: dict[str, Counter[str]] = {}
+        for i in err_idx:
+            message = str(c["error"][i])
+            kind = _error_kind(message)
+            kinds[kind] += 1
+            example.setdefault(kind, (str(c["shard_id"][i]), str(c["key"][i]), message[:200]))
+            level = "shard" if c["key"][i] == "__shard__" else ("passthrough" if c["written"][i] else "dropped")
+            outcome.setdefault(kind, Counter())[level] += 1
+        parts.append(
+            html_table(
+                [
+                    "kind",
+                    "count",
+                    "share",
+                    "passthrough",
+                    "dropped",
+                    "shard-level",
+                    "example shard",
+                    "example key",
+                    "example message",
+                ],
+                [
+                    [
+                        k,
+                        n,
+                        f"{n / err_idx.size:.1%}",
+                        outcome[k]["passthrough"],
+                        outcome[k]["dropped"],
+                        outcome[k]["shard"],
+                        *example[k],
+                    ]
+                    for k, n in kinds.most_common()
+                ],
+                numeric=[False, True, True, True, True, True, False, False, False],
+            )
+        )
+    else:
+        parts.append("<p class='note'>No errors.</p>")
+
+    parts.append(examples_section(data, clean_url, examples, storage_options))
+
+    parts.append("<h2 id='robustness'>Robustness</h2>")
+    if data.robustness_table is not None:
+        t = data.robustness_table
+        rows = [list(r.values()) for r in t.to_pylist()]
+        parts.append("<p class='note'>robustness.parquet</p>" + html_table(t.column_names, rows))
+    if data.robustness_md:
+        parts.append("<p class='note'>robustness.md</p>" + markdown_to_html(data.robustness_md))
+    if data.robustness_table is None and not data.robustness_md:
+        parts.append("<p class='note'>No robustness.parquet or robustness.md at the output root.</p>")
+
+    if data.config_text:
+        parts.append(
+            "<h2 id='config'>Configuration</h2><details><summary>_config.yaml</summary><pre>"
+            + html.escape(data.config_text)
+            + "</pre></details>"
+        )
+    body = "\n".join(parts)
+    return (
+        "<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'>"
+        "<meta name='viewport' content='width=device-width, initial-scale=1'>"
+        f"<title>Protection report: {html.escape(data.url)}</title><style>{CSS}</style></head>"
+        f"<body>\n{body}\n</body></html>\n"
+    )
+
+
+# ------------------------------------------------------------------------------------------- CLI
+
+
+def storage_options_from(args: argparse.Namespace) -> dict[str, Any]:
+    from pipeline.config import StorageConfig, load_config
+
+    storage = load_config(args.config).io.storage if args.config else StorageConfig()
+    storage = StorageConfig(
+        endpoint_url=args.endpoint_url or storage.endpoint_url,
+        region=args.region or storage.region,
+        addressing_style=args.addressing_style or storage.addressing_style,
+        anon=args.anon or storage.anon,
+    )
+    return storage.storage_options()
+
+
+def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
+    """Arguments of `unlearnable report` (pass a subparser to add them to it)."""
+    p = parser or argparse.ArgumentParser(prog="unlearnable report", description=__doc__.split("\n\n")[0])
+    p.add_argument("--output", required=True, help="the run's output folder (local or s3://bucket/prefix/)")
+    p.add_argument("--out", default="report.html", help="HTML file to write (local path or s3://…)")
+    p.add_argument("--clean", help="the input shards (folder, s3:// prefix, glob) for clean vs protected figures")
+    p.add_argument("--examples", type=int, default=3, help="items with spectrograms (lowest, median, highest Δe, …)")
+    p.add_argument("--top", type=int, default=15, help="rows of the slowest / worst tables")
+    p.add_argument("--target", type=float, help="Δe target (default: attack.target_delta_e of _config.yaml, else 0.5)")
+    p.add_argument("--config", help="YAML config whose io.storage section gives the S3 client settings")
+    p.add_argument("--endpoint-url", help="S3 endpoint, e.g. http://127.0.0.1:8333")
+    p.add_argument("--region", help="S3 region")
+    p.add_argument("--addressing-style", choices=["path", "virtual"], help="S3 addressing style")
+    p.add_argument("--anon", action="store_true", help="anonymous S3 access")
+    p.set_defaults(func=cmd_report)
+    return p
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    options = storage_options_from(args)
+    data = load_output(args.output, options)
+    page = render(
+        data,
+        clean_url=args.clean,
+        examples=args.examples,
+        top=args.top,
+        target=args.target,
+        storage_options=options,
+    )
+    with open_url(args.out, "wb", options) as f:
+        f.write(page.encode("utf-8"))
+    print(
+        f"{args.out}: {len(data.shards)} shard(s), {data.n_rows} manifest row(s), "
+        f"Δe mean {data.stats.delta_e_mean:.3f}, {len(page) / 1e6:.1f} MB"
+    )
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return cmd_report(args)
+    except ReportError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,203 @@
+"""Driver metrics scraped over HTTP from a real prometheus_client server; actor metrics in real Ray."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import urllib.request
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from pipeline.manifest import commit_shard
+from pipeline.metrics import (
+    DELTA_E_BUCKETS,
+    ActorMetrics,
+    DriverMetrics,
+    NoopMetrics,
+)
+from pipeline.records import ManifestRow, SampleStatus, ShardStats
+from pipeline.shards import OutputFolder, build_tar
+
+
+def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """{(sample name, sorted labels): value} from the live endpoint."""
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
+
+
+def stats(**kw) -> ShardStats:
+    base = dict(shards=1, encoder_id="laion:music_audioset_epoch_15_esc_90.14.pt", config_hash="abc123")
+    base.update(kw)
+    return ShardStats(**base)
+
+
+def test_driver_metrics_served_and_match_inputs(tmp_path):
+    a = stats(
+        items=10,
+        ok=8,
+        error=2,
+        passthrough=1,
+        dropped=1,
+        windows=40,
+        audio_seconds=300.5,
+        accelerator_seconds=12.25,
+        wall_seconds=20.0,
+        delta_e_sum=4.0,
+        delta_e_below_target=1,
+        errors={"decode": 1, "too short": 1},
+    )
+    b = stats(
+        items=5,
+        ok=4,
+        error=1,
+        dropped=1,
+        windows=17,
+        audio_seconds=120.0,
+        accelerator_seconds=5.75,
+        wall_seconds=8.0,
+        delta_e_sum=2.4,
+        errors={"decode": 1},
+    )
+    metrics = DriverMetrics(0, addr="127.0.0.1")
+    try:
+        assert metrics.port and metrics.port > 0
+        metrics.shards_total(3)
+        metrics.shard_done(a, bytes_in=1000, bytes_out=1200)
+        metrics.shard_done(b, bytes_in=500)
+        metrics.observe_items([0.05, 0.45, 0.55, 1.3, float("nan")], pgd_steps=120.0)
+        m = scrape(metrics.port)
+    finally:
+        metrics.stop()
+
+    assert m[("unlearnable_items_total", (("status", "ok"),))] == 12
+    assert m[("unlearnable_items_total", (("status", "error"),))] == 3
+    assert m[("unlearnable_failed_items_total", (("outcome", "passthrough"),))] == 1
+    assert m[("unlearnable_failed_items_total", (("outcome", "dropped"),))] == 2
+    assert m[("unlearnable_windows_total", ())] == 57
+    assert m[("unlearnable_accelerator_seconds_total", ())] == pytest.approx(18.0)
+    assert m[("unlearnable_audio_seconds_total", ())] == pytest.approx(420.5)
+    assert m[("unlearnable_shard_wall_seconds_total", ())] == pytest.approx(28.0)
+    assert m[("unlearnable_errors_total", (("kind", "decode"),))] == 2
+    assert m[("unlearnable_errors_total", (("kind", "too short"),))] == 1
+    assert m[("unlearnable_delta_e_below_target_total", ())] == 1
+    assert m[("unlearnable_bytes_in_total", ())] == 1500
+    assert m[("unlearnable_bytes_out_total", ())] == 1200
+    assert m[("unlearnable_pgd_steps_total", ())] == 120
+    assert m[("unlearnable_shards_total", ())] == 3
+    assert m[("unlearnable_shards_done", ())] == 2
+    assert m[("unlearnable_delta_e_mean", ())] == pytest.approx(6.4 / 12)
+    assert m[("unlearnable_last_shard_timestamp_seconds", ())] > 1.6e9
+    info = [k for k in m if k[0] == "unlearnable_run_info"]
+    assert info == [
+        (
+            "unlearnable_run_info",
+            (
+                ("config_hash", "abc123"),
+                ("encoder_id", "laion:music_audioset_epoch_15_esc_90.14.pt"),
+                ("random", "false"),
+            ),
+        )
+    ]
+    # Histogram: 4 finite values (NaN skipped), cumulative buckets 0.1 .. 1.4.
+    assert m[("unlearnable_delta_e_count", ())] == 4
+    assert m[("unlearnable_delta_e_sum", ())] == pytest.approx(2.35)
+    assert m[("unlearnable_delta_e_bucket", (("le", "0.1"),))] == 1
+    assert m[("unlearnable_delta_e_bucket", (("le", "0.5"),))] == 2
+    assert m[("unlearnable_delta_e_bucket", (("le", "1.3"),))] == 4
+    assert m[("unlearnable_delta_e_bucket", (("le", "+Inf"),))] == 4
+    assert len([k for k in m if k[0] == "unlearnable_delta_e_bucket"]) == len(DELTA_E_BUCKETS) + 1
+    # Every name is ours (private registry: no process/python collectors).
+    assert all(name.startswith("unlearnable_") for name, _ in m)
+
+
+def test_two_driver_metrics_coexist_and_error_kinds_are_bounded():
+    one, two = DriverMetrics(None), DriverMetrics(None)  # private registries: no name clash
+    assert one.port is None
+    many = stats(error=60, errors={f"kind{i}": 1 for i in range(60)})
+    one.shard_done(many)
+    kinds = {s.labels["kind"] for s in one.errors.collect()[0].samples if s.name.endswith("_total")}
+    assert len(kinds) == 51 and "other" in kinds  # 50 kinds, then "other"
+    two.stop()
+    one.stop()
+
+
+def test_record_committed_shard_reads_manifest_and_sizes(tmp_path):
+    out = OutputFolder(str(tmp_path / "out"))
+    out.ensure()
+    rows = [
+        ManifestRow(key="a", status=SampleStatus.OK, n_windows=3, steps_mean=10.0, delta_e_mean=0.6),
+        ManifestRow(key="b", status=SampleStatus.OK, n_windows=2, steps_mean=5.0, delta_e_mean=0.3),
+        ManifestRow(key="c", status=SampleStatus.ERROR, error="decode: bad"),
+    ]
+    s = stats(items=3, ok=2, error=1, windows=5, delta_e_sum=0.9, errors={"decode": 1})
+    tar = build_tar([("a.flac", b"x" * 100), ("b.flac", b"y" * 50)])
+    commit_shard(out, "shard-000000", tar, rows, s)
+    src = tmp_path / "in.tar"
+    src.write_bytes(b"z" * 4096)
+    metrics = DriverMetrics(0, addr="127.0.0.1")
+    try:
+        metrics.record_committed_shard(out, "shard-000000", s, input_url=str(src))
+        metrics.record_committed_shard(out, "missing", stats(items=1, ok=1))  # never raises
+        m = scrape(metrics.port)
+    finally:
+        metrics.stop()
+    assert m[("unlearnable_pgd_steps_total", ())] == 40
+    assert m[("unlearnable_delta_e_count", ())] == 2
+    assert m[("unlearnable_bytes_in_total", ())] == 4096
+    assert m[("unlearnable_bytes_out_total", ())] == len(tar)
+    assert m[("unlearnable_items_total", (("status", "ok"),))] == 3
+
+
+def test_noop_metrics_has_every_method():
+    noop = NoopMetrics()
+    noop.shards_total(1)
+    noop.shard_done(ShardStats())
+    noop.observe_items([0.1])
+    noop.record_committed_shard(None, "x", ShardStats())
+    noop.batch_done(1, 0.1, 10, {"pgd": 1})
+    noop.stop()
+    for name in ("shards_total", "shard_done", "observe_items", "record_committed_shard", "stop"):
+        assert callable(getattr(DriverMetrics, name))
+    assert callable(ActorMetrics.batch_done)
+
+
+def test_actor_metrics_noop_without_ray():
+    # A fresh interpreter: Ray is importable but not initialised there.
+    code = (
+        "from pipeline.metrics import ActorMetrics\n"
+        "m = ActorMetrics()\n"
+        "m.batch_done(4, 1.0, 40, {'pgd': 1})\n"
+        "import ray; assert not ray.is_initialized()\n"
+        "print('active', m.active)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "active False" in result.stdout
+
+
+def test_actor_metrics_in_real_ray_actor(ray_session):
+    ray = ray_session
+
+    @ray.remote(num_cpus=0.1)
+    class Probe:
+        def __init__(self):
+            self.metrics = ActorMetrics()
+
+        def record(self) -> bool:
+            self.metrics.batch_done(windows=6, seconds=1.2, steps=60, errors={"pgd": 1, "decode": 2})
+            self.metrics.batch_done(windows=0, seconds=0.0, steps=0, errors={})
+            return self.metrics.active
+
+    probe = Probe.remote()
+    assert ray.get(probe.record.remote(), timeout=120) is True
+    # In the driver too (Ray initialised here): active, and recording never raises.
+    local = ActorMetrics()
+    assert local.active
+    local.batch_done(2, 0.5, 20, {"x": 1})
+    assert local.active
+    ray.kill(probe)
