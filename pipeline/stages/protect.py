@@ -75,11 +75,16 @@ class ProtectActor:
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
         rows = R.batch_to_rows(batch)
         todo = [i for i, row in enumerate(rows) if row[R.STATUS] == "ok" and row[R.KIND] == R.KIND_SAMPLE]
-        tracks = []
+        tracks, tracked = [], []
         for i in todo:
             row = rows[i]
-            samples = np.frombuffer(row[R.PCM], dtype=np.float32).reshape(row[R.N_SAMPLES], row[R.CHANNELS])
-            tracks.append(Track(row[R.KEY], samples.copy(), row[R.SAMPLE_RATE], row[R.OUT_SUBTYPE]))
+            try:
+                samples = np.frombuffer(row[R.PCM], dtype=np.float32).reshape(row[R.N_SAMPLES], row[R.CHANNELS])
+                tracks.append(Track(row[R.KEY], samples.copy(), row[R.SAMPLE_RATE], row[R.OUT_SUBTYPE]))
+                tracked.append(i)
+            except (ValueError, TypeError) as exc:
+                row.update({R.STATUS: "error", R.ERROR: f"input: malformed PCM row: {exc}"})
+        todo = tracked
         try:
             results = self.protector.protect(tracks) if tracks else []
         except Exception as exc:  # never lose the batch: every track gets an error row instead
@@ -101,8 +106,8 @@ class ProtectActor:
                 row.update({R.STATUS: "error", R.ERROR: result.error, R.CLEAN_PCM: b""})
                 continue
             row[R.PCM] = result.samples.tobytes()
-            for name in R.STATS:
-                row[name] = float(getattr(result, name))
+            for name in R.STATS:  # quality-stage figures (segsnr, pesq, stoi) stay NaN here
+                row[name] = float(getattr(result, name, float("nan")))
         self._record_metrics(rows, todo, results)
         return R.rows_to_batch(rows, list(rows[0].keys()) if rows else list(batch.keys()))
 

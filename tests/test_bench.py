@@ -1,0 +1,85 @@
+"""Smoke tests of the benchmark (pipeline/bench.py): argument handling, report rendering, and the
+engine + baseline measurements at the smallest size (HTSAT-tiny, 1 step, batch 1)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from pipeline import bench
+
+
+def test_parser_quick_and_full_profiles():
+    quick = bench.settings_from_args(bench.build_parser().parse_args(["--quick"]))
+    assert quick.amodels == ["HTSAT-tiny"]
+    assert quick.steps == 2 and quick.batch_sizes == [1, 2]
+    assert quick.pipeline_tracks == 2 and quick.memory_seconds == [60.0, 180.0]
+    assert bench.choose_pipeline_batch(quick) == 1  # two shards of one track
+
+    full = bench.settings_from_args(
+        bench.build_parser().parse_args(["--amodels", "HTSAT-base", "--steps", "3", "--batch-sizes", "4,1,2"])
+    )
+    assert full.amodels == ["HTSAT-base"] and full.steps == 3
+    assert full.batch_sizes == [1, 2, 4]
+    assert full.precisions == ["fp32", "bf16"]
+    assert bench.choose_pipeline_batch(full) == 4  # 12 tracks: three shards of four
+
+    with pytest.raises(ValueError):
+        bench.settings_from_args(bench.build_parser().parse_args(["--precisions", "int8"]))
+    assert bench.main(["--parts", "nonsense"]) == 2
+
+
+def test_render_from_synthetic_results():
+    settings = bench.settings_from_args(bench.build_parser().parse_args(["--quick"]))
+    report = bench.BenchReport(settings=settings, machine={"CPU": "test"}, command="python -m pipeline.bench", date="d")
+    report.engine = [
+        bench.EngineResult("HTSAT-tiny", "fp32", 1, 2, 1.0),
+        bench.EngineResult("HTSAT-tiny", "bf16", 2, 2, 1.0),
+    ]
+    report.forward = [bench.ForwardResult("HTSAT-tiny", 1, 0.1)]
+    report.baseline = [bench.BaselineResult("HTSAT-tiny", 2, 2.0)]
+    report.pipeline = [
+        bench.PipelineResult(
+            "HTSAT-tiny", "fp32", 1, 2, tracks=2, shards=2, windows=2, ok=2, wall_seconds=4.0,
+            steady_seconds=1.25, steady_windows=1, engine_windows_per_s=1.0, extra_forward_seconds=0.1,
+        )
+    ]  # fmt: skip
+    report.memory = [
+        bench.MemoryResult(60, 7, 900, 1000, 10.0, "HTSAT-tiny", 1, 2),
+        bench.MemoryResult(180, 20, 950, 1100, 30.0, "HTSAT-tiny", 1, 2),
+    ]
+    p = report.pipeline[0]
+    assert p.windows_per_s == pytest.approx(0.8)
+    assert p.efficiency == pytest.approx(0.8)
+    assert p.efficiency_equivalent == pytest.approx(0.88)
+    text = bench.render_markdown(report)
+    assert "4.00× (bf16, B=2)" in text  # best engine 2 windows/s vs baseline 0.5
+    assert "**1.10**" in text and "(target ≤ 1.20: met)" in text
+    assert bench.GPU_NOT_AVAILABLE in text
+    assert "python -m pipeline.bench" in text
+    assert report.to_dict()["pipeline"][0]["efficiency"] == pytest.approx(0.8)
+
+
+def test_engine_and_baseline_smallest(tiny_encoder):
+    engine, forward = bench.bench_engine(
+        "HTSAT-tiny", 1, [1], ["fp32"], device="cpu", repeats=1, warmup=0, encoder=tiny_encoder
+    )
+    assert [(e.amodel, e.precision, e.batch, e.steps, e.compiled) for e in engine] == [
+        ("HTSAT-tiny", "fp32", 1, 1, False)
+    ]
+    for value in (engine[0].seconds, engine[0].windows_per_s, engine[0].steps_per_s, engine[0].realtime):
+        assert value > 0 and math.isfinite(value)
+    assert len(forward) == 1 and forward[0].seconds_per_window > 0
+
+    baseline = bench.bench_baseline("HTSAT-tiny", 1, device="cpu", repeats=1, warmup=0)
+    assert baseline.amodel == "HTSAT-tiny" and baseline.steps == 1
+    assert baseline.seconds_per_window > 0 and baseline.windows_per_s > 0
+
+
+@pytest.mark.slow
+def test_memory_child_process():
+    result = bench.bench_memory(20.0, amodel="HTSAT-tiny", steps=0, batch=2, threads=2)
+    assert result.windows == 3
+    assert result.peak_mib >= result.rss_before_mib > 0
+    assert result.protect_seconds > 0
