@@ -63,6 +63,25 @@ class _Window:
     length: int  # real samples (≤ window)
 
 
+def difference_figures(clean: np.ndarray, protected: np.ndarray, chunk: int = 1 << 20) -> tuple[float, float, float]:
+    """(L∞, L2, SNR dB) of protected − clean, [samples, channels], accumulated in chunks.
+    SNR is +inf for no change and -inf for a perturbed digital silence."""
+    linf = noise = signal = 0.0
+    for begin in range(0, clean.shape[0], chunk):
+        x = clean[begin : begin + chunk].astype(np.float64)
+        d = protected[begin : begin + chunk].astype(np.float64) - x
+        linf = max(linf, float(np.abs(d).max(initial=0.0)))
+        noise += float((d * d).sum())
+        signal += float((x * x).sum())
+    if noise == 0:
+        snr = float("inf")
+    elif signal == 0:
+        snr = float("-inf")
+    else:
+        snr = float(10 * np.log10(signal / noise))
+    return linf, noise**0.5, snr
+
+
 def window_seed(seed: int, key: str, index: int) -> int:
     """A per-window RNG seed that does not depend on batching or actor placement."""
     digest = hashlib.sha256(f"{seed}\x00{key}\x00{index}".encode()).digest()
@@ -237,27 +256,25 @@ class TrackProtector:
             out = ProtectedTrack(key=track.key, error=errors[t], n_windows=len(plans[t].starts))
             if not errors[t]:
                 delta = blend(plans[t], [d for d in deltas[t] if d is not None])  # [channels, samples]
-                out.samples = quantize_within(
-                    track.samples, track.samples + delta.T, self.params.eps, track.out_subtype
-                )
+                out.samples = self._write_grid(track, delta)
                 out.steps_mean = float(steps[t].mean())
                 out.seconds = seconds[t]
-                diff = out.samples.astype(np.float64) - track.samples
-                out.linf = float(np.abs(diff).max())
-                noise_energy = float((diff**2).sum())
-                out.l2 = noise_energy**0.5
-                signal_energy = float((track.samples.astype(np.float64) ** 2).sum())
-                if noise_energy == 0:
-                    out.snr_db = float("inf")
-                elif signal_energy == 0:  # digital silence: any δ is all noise
-                    out.snr_db = float("-inf")
-                else:
-                    out.snr_db = float(10 * np.log10(signal_energy / noise_energy))
+                out.linf, out.l2, out.snr_db = difference_figures(track.samples, out.samples)
             outputs.append(out)
             protected_sources.append(out.samples if out.samples is not None else track.samples)
 
         self._measure(tracks, plans, protected_sources, outputs, clean_embeddings, seconds)
         return outputs
+
+    def _write_grid(self, track: Track, delta: np.ndarray, chunk: int = 1 << 20) -> np.ndarray:
+        """x + δ on the output subtype's grid within ε, built in chunks of `chunk` samples so the
+        float64 temporaries of quantisation never cover the whole track."""
+        out = np.empty_like(track.samples, dtype=np.float32)
+        for begin in range(0, track.samples.shape[0], chunk):
+            clean = track.samples[begin : begin + chunk]
+            proposed = clean + delta[:, begin : begin + chunk].T
+            out[begin : begin + chunk] = quantize_within(clean, proposed, self.params.eps, track.out_subtype)
+        return out
 
     @torch.no_grad()
     def _measure(self, tracks, plans, protected_sources, outputs, clean_embeddings, seconds) -> None:

@@ -80,7 +80,8 @@ class ProtectActor:
             row = rows[i]
             try:
                 samples = np.frombuffer(row[R.PCM], dtype=np.float32).reshape(row[R.N_SAMPLES], row[R.CHANNELS])
-                tracks.append(Track(row[R.KEY], samples.copy(), row[R.SAMPLE_RATE], row[R.OUT_SUBTYPE]))
+                # Read-only view of the row's buffer: the protector never writes to the clean track.
+                tracks.append(Track(row[R.KEY], samples, row[R.SAMPLE_RATE], row[R.OUT_SUBTYPE]))
                 tracked.append(i)
             except (ValueError, TypeError) as exc:
                 row.update({R.STATUS: "error", R.ERROR: f"input: malformed PCM row: {exc}"})
