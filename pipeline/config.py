@@ -69,7 +69,8 @@ class AudioConfig:
 class EncoderConfig:
     """Which frozen CLAP audio encoder to attack."""
 
-    checkpoint: str = "random:HTSAT-tiny:0"  # random:AMODEL:SEED | path | s3:// | https:// | hf://org/repo/file
+    checkpoint: str = "random:HTSAT-tiny:0"  # see encoder.CheckpointSpec: random:..., a laion file, hf:folder
+    ensemble: tuple[str, ...] = ()  # more encoder specs to optimise against together with `checkpoint`
     amodel: str = "HTSAT-base"  # architecture of a real checkpoint (ignored for random:)
     sha256: str | None = None  # pin for the checkpoint file
     cache_dir: str = "~/.cache/music-unlearnable/checkpoints"
@@ -90,6 +91,7 @@ class AttackConfig:
     seed: int = 0
     perceptual: str = "linf"  # linf | masking: also keep δ's spectrum under the clean signal's masking threshold
     eot_views: tuple[str, ...] = ("clean48k",)  # views optimised through (pipeline.views), e.g. [clean48k, musicldm]
+    ensemble: str = "mean"  # with encoder.ensemble: maximise the mean or the minimum of per-encoder Δe
 
 
 @dataclass(frozen=True)
@@ -271,6 +273,7 @@ def validate(cfg: PipelineConfig) -> None:
         (a.target_delta_e > 0, "attack.target_delta_e must be > 0"),
         (a.precision in ("auto", "fp32", "bf16", "fp16"), "attack.precision must be auto|fp32|bf16|fp16"),
         (a.perceptual in ("linf", "masking"), "attack.perceptual must be linf|masking"),
+        (a.ensemble in ("mean", "min"), "attack.ensemble must be mean|min"),
         (len(a.eot_views) > 0, "attack.eot_views must name at least one view (clean48k: none)"),
         (au.window_seconds > 0, "audio.window_seconds must be > 0"),
         (

@@ -43,15 +43,25 @@ class AudioEmbedder(Protocol):
 
 @dataclass(frozen=True)
 class CheckpointSpec:
-    """A parsed `encoder.checkpoint` string.
+    """A parsed encoder spec: which backend, which weights.
+
+    Forms (laion = laion-clap HTSAT checkpoints, hf = transformers `ClapModel`/`ClapAudioModelWithProjection`):
+
+        random:HTSAT-tiny:0            random laion-clap weights (also random:laion:HTSAT-base:0)
+        random:hf:tiny:0               random transformers CLAP audio tower (presets tiny, base)
+        /models/clap.pt, s3://..., https://..., hf://org/repo/file.pt, laion:<any of these>
+                                       a laion-clap checkpoint file (architecture from encoder.amodel)
+        hf:org/repo, hf:/local/folder, hf:s3://bucket/folder
+                                       a transformers CLAP folder (save_pretrained layout)
 
     Example::
 
-        CheckpointSpec.parse("random:HTSAT-tiny:0")      # random weights, seed 0
-        CheckpointSpec.parse("s3://models/clap.pt", amodel="HTSAT-base")
+        CheckpointSpec.parse("random:HTSAT-tiny:0").backend   # "laion"
+        CheckpointSpec.parse("hf:/models/musicldm/text_encoder").backend   # "hf"
     """
 
-    amodel: str
+    backend: str  # laion | hf
+    amodel: str  # laion architecture (HTSAT-tiny, HTSAT-base) or hf preset (tiny, base)
     url: str | None = None  # None for random weights
     seed: int = 0
 
@@ -61,17 +71,29 @@ class CheckpointSpec:
 
     @classmethod
     def parse(cls, spec: str, amodel: str = "HTSAT-base") -> CheckpointSpec:
-        if spec.startswith("random:"):
-            parts = spec.split(":")
-            if len(parts) != 3 or not parts[2].lstrip("-").isdigit():
-                raise CheckpointError(f"random checkpoint spec must be random:AMODEL:SEED, got {spec!r}")
-            return cls(amodel=parts[1], url=None, seed=int(parts[2]))
         if not spec:
             raise CheckpointError("encoder.checkpoint is empty")
-        return cls(amodel=amodel, url=spec)
+        if spec.startswith("random:"):
+            parts = spec.split(":")[1:]
+            if len(parts) == 2:
+                parts = ["laion", *parts]
+            if len(parts) != 3 or parts[0] not in ("laion", "hf") or not parts[2].lstrip("-").isdigit():
+                raise CheckpointError(
+                    f"random encoder spec must be random:AMODEL:SEED or random:laion|hf:AMODEL:SEED, got {spec!r}"
+                )
+            return cls(backend=parts[0], amodel=parts[1], url=None, seed=int(parts[2]))
+        if spec.startswith("hf:") and not spec.startswith("hf://"):
+            return cls(backend="hf", amodel="hf", url=spec[len("hf:") :])
+        return cls(backend="laion", amodel=amodel, url=spec.removeprefix("laion:"))
 
     def __str__(self) -> str:
-        return f"random:{self.amodel}:{self.seed}" if self.is_random else f"{self.amodel}@{self.url}"
+        if self.is_random:
+            return (
+                f"random:{self.backend}:{self.amodel}:{self.seed}"
+                if self.backend == "hf"
+                else (f"random:{self.amodel}:{self.seed}")
+            )
+        return f"hf:{self.url}" if self.backend == "hf" else f"{self.amodel}@{self.url}"
 
 
 def import_laion_clap(hub_offline: bool = True) -> Any:
@@ -253,7 +275,7 @@ def load_weights(encoder: ClapAudioEncoder, path: str | Path) -> None:
 class LoadedEncoder:
     """An encoder ready for PGD, with the identity recorded in manifests."""
 
-    model: ClapAudioEncoder
+    model: nn.Module  # ClapAudioEncoder or hf_encoder.HFClapAudioEncoder: [B, 480000] -> [B, 512]
     encoder_id: str  # "random:HTSAT-tiny:0" or "HTSAT-base@sha256:<12 hex>"
     is_random: bool
     device: torch.device
@@ -281,11 +303,25 @@ def load_encoder(
         CheckpointError: unknown model, unreachable/unpinned-mismatch/corrupt checkpoint, missing keys.
     """
     parsed = CheckpointSpec.parse(spec, amodel)
-    if parsed.is_random:
+    model: nn.Module
+    if parsed.backend == "hf":
+        from pipeline.hf_encoder import HFClapAudioEncoder, load_hf_model, random_hf_model
+
+        if hub_offline:
+            os.environ["HF_HUB_OFFLINE"] = "1"
+        if parsed.is_random:
+            model = HFClapAudioEncoder(random_hf_model(parsed.amodel, parsed.seed))
+        else:
+            assert parsed.url is not None
+            try:
+                model = HFClapAudioEncoder(load_hf_model(parsed.url, cache_dir, dict(storage_options or {})))
+            except (OSError, ValueError) as exc:
+                raise CheckpointError(f"cannot load transformers CLAP from {parsed.url}: {exc}") from exc
+        encoder_id = str(parsed)
+    elif parsed.is_random:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(parsed.seed)
             model = ClapAudioEncoder(parsed.amodel, hub_offline)
-        logger.warning(RANDOM_WARNING.format(spec=parsed))
         encoder_id = str(parsed)
     else:
         model = ClapAudioEncoder(parsed.amodel, hub_offline)
@@ -294,6 +330,8 @@ def load_encoder(
         load_weights(model, path)
         digest = sha256.lower() if sha256 else file_sha256(path)
         encoder_id = f"{parsed.amodel}@sha256:{digest[:12]}"
+    if parsed.is_random:
+        logger.warning(RANDOM_WARNING.format(spec=parsed))
     target = pick_device(device)
     model = model.to(target).freeze()
     return LoadedEncoder(model=model, encoder_id=encoder_id, is_random=parsed.is_random, device=target)

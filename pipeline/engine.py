@@ -27,6 +27,12 @@ from dataclasses import dataclass
 import torch
 
 EmbedFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+DistanceFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def l2_distance(adv: torch.Tensor, clean: torch.Tensor) -> torch.Tensor:
+    """Δe = ||e(x+δ) − e(x)||₂ per window: [b, D] -> [b]."""
+    return (adv - clean).norm(dim=-1)
 
 
 @dataclass(frozen=True)
@@ -75,6 +81,7 @@ def pgd(
     generator: torch.Generator | None = None,
     mask: torch.Tensor | None = None,
     constrain: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    distance: DistanceFn = l2_distance,
 ) -> PGDResult:
     """Find δ per window that pushes e(x+δ) away from e(x).
 
@@ -88,6 +95,8 @@ def pgd(
         mask: 1 where x holds real samples, 0 on padding (broadcastable to x); δ is 0 there.
         constrain: (δ_rows, rows) -> δ_rows, applied after each step and before the L∞
             projection (a perceptual projection, say); the ε bound still holds exactly.
+        distance: (e(x+δ), e(x)) -> [b], the objective; L2 by default. An encoder ensemble
+            returns [b, K, D] embeddings and reduces per-encoder distances (mean or min).
 
     Returns:
         PGDResult with the best δ seen per window and its Δe, cosine and step count.
@@ -113,12 +122,13 @@ def pgd(
 
     def record(index: torch.Tensor, adv: torch.Tensor, candidate: torch.Tensor) -> torch.Tensor:
         """Score `candidate` δ for windows `index`; keep improvements; return their Δe."""
-        delta_e = (adv - clean[index]).norm(dim=-1)
+        delta_e = distance(adv, clean[index])
         better = delta_e > best_delta_e[index]
         chosen = index[better]
         best_delta[chosen] = candidate[better].detach()
         best_delta_e[chosen] = delta_e[better].detach()
-        best_cos[chosen] = torch.nn.functional.cosine_similarity(adv[better], clean[chosen], dim=-1).detach()
+        cos = torch.nn.functional.cosine_similarity(adv[better], clean[chosen], dim=-1)
+        best_cos[chosen] = cos.reshape(len(chosen), -1).mean(dim=1).detach()  # mean over encoders
         return delta_e.detach()
 
     for _ in range(params.steps):
@@ -128,7 +138,7 @@ def pgd(
         current = delta[index].clone().requires_grad_(True)
         with _autocast(device, params.precision):
             adv = embed(x[index] + current, index).float()
-        delta_e = (adv - clean[index]).norm(dim=-1)
+        delta_e = distance(adv, clean[index])
         (grad,) = torch.autograd.grad(delta_e.sum() * scale, current)
         scored = record(index, adv.detach(), current)
         steps_run[index] += 1

@@ -11,7 +11,7 @@ import hashlib
 import time
 from collections import defaultdict
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -51,6 +51,8 @@ class ProtectedTrack:
     snr_db: float = float("nan")  # dB
     mask_energy_above: float = float("nan")  # share of δ's energy above the masking threshold
     nmr_db: float = float("nan")  # noise-to-mask ratio, dB (mean over windows)
+    delta_e_by_encoder: dict[str, float] = field(default_factory=dict)  # encoder id -> mean Δe
+    objective: float = float("nan")  # the ensemble objective (mean or min of per-encoder Δe)
     steps_mean: float = float("nan")
     seconds: float = 0.0  # accelerator seconds attributed to this track
 
@@ -99,7 +101,7 @@ class TrackProtector:
 
     def __init__(
         self,
-        encoder: LoadedEncoder,
+        encoder: LoadedEncoder | list[LoadedEncoder],
         params: PGDParams,
         *,
         window_seconds: float = 10.0,
@@ -110,6 +112,7 @@ class TrackProtector:
         eot_views: tuple[str, ...] = ("clean48k",),
         measure_musicldm: bool = True,
         measure_masking: bool = True,
+        ensemble: str = "mean",
     ):
         if perceptual not in ("linf", "masking"):
             raise ValueError(f"perceptual must be linf or masking, got {perceptual!r}")
@@ -121,7 +124,11 @@ class TrackProtector:
         self.measure_masking = measure_masking
         self.masking = MaskingConfig()
         self._eot_generator = torch.Generator().manual_seed(seed)
-        self.encoder = encoder
+        self.encoders = list(encoder) if isinstance(encoder, (list, tuple)) else [encoder]
+        self.encoder = self.encoders[0]  # the primary: its Δe fills delta_e_mean/min; its device hosts the batch
+        if ensemble not in ("mean", "min"):
+            raise ValueError(f"ensemble must be mean or min, got {ensemble!r}")
+        self.ensemble = ensemble
         self.params = params
         self.window_seconds = window_seconds
         self.overlap_seconds = overlap_seconds
@@ -160,22 +167,22 @@ class TrackProtector:
         device = self.encoder.device
         return torch.from_numpy(batch).to(device), lengths.to(device), first.sample_rate
 
-    def _embed_fn(self, sample_rate: int, lengths: torch.Tensor, views: tuple[str, ...], random: bool):
+    def _embed_fn(
+        self,
+        sample_rate: int,
+        lengths: torch.Tensor,
+        views: tuple[str, ...],
+        random: bool,
+        encoders: list[LoadedEncoder] | None = None,
+    ):
         """embed(x_rows, rows) for the engine: CLAP view of the track windows, then each named view
         (random parameters drawn on gradient steps when `random`), embeddings concatenated and
-        divided by sqrt(#views), so the distance is the root-mean-square of the per-view Δe."""
+        divided by sqrt(#views), so the distance is the root-mean-square of the per-view Δe.
+        With several encoders the result is stacked: [b, encoders, D]."""
         clap_view = self.view(sample_rate)
-        model = self.encoder.model
+        models = [e.model for e in (encoders or self.encoders)]
         view_fns = [get_view(name) for name in views]
         generator = self._eot_generator if random else None
-        if views == ("clean48k",):
-
-            def embed_one(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-                with torch.autocast(device_type=x.device.type, enabled=False):
-                    clap_input = clap_view(x.float(), lengths[rows])
-                return model(clap_input)
-
-            return embed_one
 
         def embed(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
             # Random view parameters only on gradient steps; the clean reference e(x) and the
@@ -183,12 +190,23 @@ class TrackProtector:
             draw = generator if x.requires_grad else None
             with torch.autocast(device_type=x.device.type, enabled=False):
                 clap_input = clap_view(x.float(), lengths[rows])
-                inputs = [fn(clap_input, draw) for fn in view_fns]
-            embeddings = model(torch.cat(inputs)).float()  # [views * b, D]
-            parts = embeddings.chunk(len(view_fns))
-            return torch.cat(parts, dim=-1) / len(view_fns) ** 0.5
+                if views != ("clean48k",):
+                    clap_input = torch.cat([fn(clap_input, draw) for fn in view_fns])
+            per_encoder = []
+            for model in models:
+                embeddings = model(clap_input).float()  # [views * b, D]
+                parts = embeddings.chunk(len(view_fns))
+                per_encoder.append(torch.cat(parts, dim=-1) / len(view_fns) ** 0.5)
+            return per_encoder[0] if len(per_encoder) == 1 else torch.stack(per_encoder, dim=1)
 
         return embed
+
+    def distance(self, adv: torch.Tensor, clean: torch.Tensor) -> torch.Tensor:
+        """The PGD objective per window: Δe, or its mean / min over an ensemble's encoders."""
+        per_encoder = (adv - clean).norm(dim=-1)  # [b] or [b, encoders]
+        if per_encoder.ndim == 1:
+            return per_encoder
+        return per_encoder.mean(dim=1) if self.ensemble == "mean" else per_encoder.min(dim=1).values
 
     def _constrain_fn(self, x: torch.Tensor, sample_rate: int):
         """The perceptual projection for the engine (None in linf mode): δ's STFT bins above the
@@ -234,7 +252,7 @@ class TrackProtector:
                 started = time.perf_counter()
                 embed = self._embed_fn(rate, lengths, self.eot_views, random=True)
                 constrain = self._constrain_fn(x, rate)
-                result = pgd(embed, x, self.params, noise=noise, mask=mask, constrain=constrain)
+                result = pgd(embed, x, self.params, noise=noise, mask=mask, constrain=constrain, distance=self.distance)
                 if x.device.type == "cuda":
                     torch.cuda.synchronize(x.device)
                 elapsed = time.perf_counter() - started
@@ -247,7 +265,7 @@ class TrackProtector:
                 deltas[w.track][w.index] = delta[b]
                 steps[w.track][w.index] = int(result.steps[b])
                 seconds[w.track] += elapsed / len(chunk)
-                if self.params.precision == "fp32" and self.eot_views == ("clean48k",):
+                if self.params.precision == "fp32" and self.eot_views == ("clean48k",) and len(self.encoders) == 1:
                     clean_embeddings[(w.track, w.index)] = result.clean_embedding[b]
 
         outputs: list[ProtectedTrack] = []
@@ -309,6 +327,12 @@ class TrackProtector:
             out.delta_e_mean = float(np.mean(figures["delta_e"]))
             out.delta_e_min = float(np.min(figures["delta_e"]))
             out.cos_mean = float(np.mean(figures["cos"]))
+            out.delta_e_by_encoder = {self.encoder.encoder_id: out.delta_e_mean}
+            for name, values in figures.items():
+                if name.startswith("delta_e:"):
+                    out.delta_e_by_encoder[name.split(":", 1)[1]] = float(np.mean(values))
+            per_encoder = np.array(list(out.delta_e_by_encoder.values()))
+            out.objective = float(per_encoder.mean() if self.ensemble == "mean" else per_encoder.min())
             if figures.get("delta_e_musicldm"):
                 out.delta_e_musicldm = float(np.mean(figures["delta_e_musicldm"]))
             if figures.get("excess"):
@@ -317,7 +341,7 @@ class TrackProtector:
 
     def _window_figures(self, chunk, adv, clean, lengths, rate, rows, clean_embeddings) -> dict[str, torch.Tensor]:
         """Per-window measurements of one batch: [B] tensors by name."""
-        embed = self._embed_fn(rate, lengths, ("clean48k",), random=False)
+        embed = self._embed_fn(rate, lengths, ("clean48k",), random=False, encoders=self.encoders[:1])
         adv_e = embed(adv, rows)
         if all((w.track, w.index) in clean_embeddings for w in chunk):
             clean_e = torch.stack([clean_embeddings[(w.track, w.index)] for w in chunk])
@@ -327,8 +351,11 @@ class TrackProtector:
             "delta_e": (adv_e - clean_e).norm(dim=-1).cpu(),
             "cos": torch.nn.functional.cosine_similarity(adv_e, clean_e, dim=-1).cpu(),
         }
+        for encoder in self.encoders[1:]:  # the primary's Δe is "delta_e"; the others by their id
+            other = self._embed_fn(rate, lengths, ("clean48k",), random=False, encoders=[encoder])
+            figures[f"delta_e:{encoder.encoder_id}"] = (other(adv, rows) - other(clean, rows)).norm(dim=-1).cpu()
         if self.measure_musicldm:
-            view = self._embed_fn(rate, lengths, ("musicldm",), random=False)
+            view = self._embed_fn(rate, lengths, ("musicldm",), random=False, encoders=self.encoders[:1])
             figures["delta_e_musicldm"] = (view(adv, rows) - view(clean, rows)).norm(dim=-1).cpu()
         if self.measure_masking:
             batch, channels, samples = clean.shape

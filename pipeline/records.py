@@ -51,6 +51,8 @@ class ManifestRow:
     stoi: float = float("nan")  # STOI (16 kHz mono; a speech metric, NaN when off)
     mask_energy_above: float = float("nan")  # share of δ's energy above the clean signal's masking threshold
     nmr_db: float = float("nan")  # noise-to-mask ratio, dB (< 0: δ under the threshold on average)
+    delta_e_by_encoder: dict[str, float] = field(default_factory=dict)  # encoder id -> mean Δe (ensembles)
+    objective: float = float("nan")  # the PGD objective: Δe, or the mean/min over an ensemble's encoders
     steps_mean: float = float("nan")  # PGD steps actually run per window (early stop lowers it)
     seconds: float = 0.0  # accelerator seconds spent on this track
     encoder_id: str = ""
@@ -66,6 +68,8 @@ class ManifestRow:
         known = {f.name for f in dataclasses.fields(cls)}
         kwargs = {k: v for k, v in data.items() if k in known}
         kwargs["status"] = SampleStatus(kwargs["status"])
+        if isinstance(kwargs.get("delta_e_by_encoder"), list):  # Arrow maps read back as pairs
+            kwargs["delta_e_by_encoder"] = dict(kwargs["delta_e_by_encoder"])
         return cls(**kwargs)
 
 
@@ -94,6 +98,8 @@ MANIFEST_SCHEMA = pa.schema(
         ("stoi", pa.float64()),
         ("mask_energy_above", pa.float64()),
         ("nmr_db", pa.float64()),
+        ("delta_e_by_encoder", pa.map_(pa.string(), pa.float64())),
+        ("objective", pa.float64()),
         ("steps_mean", pa.float64()),
         ("seconds", pa.float64()),
         ("encoder_id", pa.string()),

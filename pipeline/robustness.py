@@ -120,12 +120,13 @@ class RobustnessRow:
 class Embedder:
     """CLAP embedding of the first 10 s window of a track, with an optional 48 kHz view."""
 
-    def __init__(self, cfg: PipelineConfig):
+    def __init__(self, cfg: PipelineConfig, spec: str | None = None):
         enc = cfg.encoder
+        spec = spec or enc.checkpoint
         self.encoder = load_encoder(
-            enc.checkpoint,
+            spec,
             enc.amodel,
-            sha256=enc.sha256,
+            sha256=enc.sha256 if spec == enc.checkpoint else None,
             cache_dir=enc.cache_dir,
             hub_offline=enc.hub_offline,
             device=enc.device,
@@ -142,8 +143,9 @@ class Embedder:
         return self.encoder.model(clap_input)[0].float().cpu()
 
 
-def _pairs(protected_url: str, clean_url: str, storage_options: dict, count: int, seed: int):
-    """Up to `count` (shard_id, key, clean bytes, protected bytes) of ok items, sampled by seed."""
+def sample_pairs(protected_url: str, clean_url: str, storage_options: dict, count: int, seed: int):
+    """Up to `count` (shard_id, key, clean bytes, protected bytes) of ok items, sampled by seed;
+    `clean_url` is the folder of the input shards (same shard names as the outputs)."""
     out = OutputFolder(protected_url, storage_options)
     candidates: list[tuple[str, str, str, str]] = []
     for shard_id in sorted(out.completed()):
@@ -183,7 +185,7 @@ def evaluate(
         raise ValueError(f"unknown attack(s) {unknown}; known: {[*ATTACKS, MUSICLDM_VIEW]}")
     embed = Embedder(cfg)
     rows: list[RobustnessRow] = []
-    for shard_id, key, clean_bytes, prot_bytes in _pairs(
+    for shard_id, key, clean_bytes, prot_bytes in sample_pairs(
         protected_url, clean_url, cfg.io.storage.storage_options(), count, seed
     ):
         clean, prot = decode(clean_bytes), decode(prot_bytes)
@@ -240,11 +242,12 @@ def write_outputs(rows: list[RobustnessRow], out_dir: str, storage_options: dict
     folder.write_atomic("robustness.md", (table + "\n").encode())
 
 
-def _run_config(args: argparse.Namespace) -> PipelineConfig:
+def run_config(args: argparse.Namespace, output_url: str) -> PipelineConfig:
+    """--config if given, else the run's saved `<output>/_config.yaml`; then --set overrides."""
     overrides = list(args.set or [])
     if args.config:
         return load_config(args.config, overrides)
-    saved = OutputFolder(args.input)
+    saved = OutputFolder(output_url)
     try:
         data = yaml.safe_load(saved.read_text("_config.yaml"))
     except FileNotFoundError:
@@ -267,7 +270,7 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
 
 
 def cmd_robustness(args: argparse.Namespace) -> int:
-    cfg = _run_config(args)
+    cfg = run_config(args, args.input)
     attacks = [a.strip() for a in args.attacks.split(",")] if args.attacks else None
     rows = evaluate(cfg, args.input, args.clean, args.count, args.seed, attacks)
     if not rows:

@@ -3,6 +3,7 @@ it is handed. Decode happens before it and encode/upload after it, in CPU stages
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 from typing import Any
@@ -28,17 +29,20 @@ def resolve_precision(precision: str, device: torch.device) -> str:
 
 
 def build_protector(cfg: PipelineConfig) -> TrackProtector:
-    """The encoder and attack of `cfg`, ready to protect tracks (used by the actor and the bench)."""
+    """The encoder(s) and attack of `cfg`, ready to protect tracks (used by the actor and the bench)."""
     enc = cfg.encoder
-    encoder = load_encoder(
-        enc.checkpoint,
-        enc.amodel,
-        sha256=enc.sha256,
-        cache_dir=enc.cache_dir,
-        hub_offline=enc.hub_offline,
-        device=enc.device,
-        storage_options=cfg.io.storage.storage_options(),
-    )
+    encoders = [
+        load_encoder(
+            spec,
+            enc.amodel,
+            sha256=enc.sha256 if spec == enc.checkpoint else None,
+            cache_dir=enc.cache_dir,
+            hub_offline=enc.hub_offline,
+            device=enc.device,
+            storage_options=cfg.io.storage.storage_options(),
+        )
+        for spec in (enc.checkpoint, *enc.ensemble)
+    ]
     a = cfg.attack
     params = PGDParams(
         eps=a.eps,
@@ -46,10 +50,10 @@ def build_protector(cfg: PipelineConfig) -> TrackProtector:
         steps=a.steps,
         sigma=a.sigma,
         target_delta_e=a.target_delta_e,
-        precision=resolve_precision(a.precision, encoder.device),
+        precision=resolve_precision(a.precision, encoders[0].device),
     )
     return TrackProtector(
-        encoder,
+        encoders,
         params,
         window_seconds=cfg.audio.window_seconds,
         overlap_seconds=cfg.audio.overlap_seconds,
@@ -59,6 +63,7 @@ def build_protector(cfg: PipelineConfig) -> TrackProtector:
         eot_views=a.eot_views,
         measure_musicldm=cfg.quality.musicldm_view,
         measure_masking=cfg.quality.masking,
+        ensemble=a.ensemble,
     )
 
 
@@ -69,7 +74,7 @@ class ProtectActor:
         threads = cfg.runtime.torch_threads or max(1, int(cfg.runtime.num_cpus_per_actor))
         torch.set_num_threads(threads)
         self.protector = build_protector(cfg)
-        self.encoder_id = self.protector.encoder.encoder_id
+        self.encoder_id = "+".join(e.encoder_id for e in self.protector.encoders)
         self.metrics = ActorMetrics()
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
@@ -97,6 +102,7 @@ class ProtectActor:
             row[R.CLEAN_PCM] = row[R.PCM] if row[R.STATUS] == "ok" else b""
             row[R.PCM] = b""
             row[R.ENCODER_ID] = self.encoder_id
+            row[R.DELTA_E_BY_ENCODER] = "{}"
             for name in R.STATS:
                 row[name] = float("nan") if name != "seconds" else 0.0
         for i, result in zip(todo, results):
@@ -109,6 +115,7 @@ class ProtectActor:
             row[R.PCM] = result.samples.tobytes()
             for name in R.STATS:  # quality-stage figures (segsnr, pesq, stoi) stay NaN here
                 row[name] = float(getattr(result, name, float("nan")))
+            row[R.DELTA_E_BY_ENCODER] = json.dumps(result.delta_e_by_encoder, sort_keys=True)
         self._record_metrics(rows, todo, results)
         return R.rows_to_batch(rows, list(rows[0].keys()) if rows else list(batch.keys()))
 

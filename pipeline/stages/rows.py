@@ -28,9 +28,11 @@ STATS = (  # per-item figures filled by the protect and quality stages, copied i
     "stoi",
     "mask_energy_above",
     "nmr_db",
+    "objective",
     "steps_mean",
     "seconds",
 )
+DELTA_E_BY_ENCODER = "delta_e_by_encoder"  # JSON object: encoder id -> mean Δe (an ensemble has several)
 ENCODER_ID = "encoder_id"
 
 KIND_SAMPLE = "sample"
