@@ -92,6 +92,7 @@ class AttackConfig:
     perceptual: str = "linf"  # linf | masking: also keep δ's spectrum under the clean signal's masking threshold
     eot_views: tuple[str, ...] = ("clean48k",)  # views optimised through (pipeline.views), e.g. [clean48k, musicldm]
     ensemble: str = "mean"  # with encoder.ensemble: maximise the mean or the minimum of per-encoder Δe
+    passband_hz: float | None = None  # low-pass δ to what the imitator keeps (MusicLDM: 8000 Hz); None: full band
 
 
 @dataclass(frozen=True)
@@ -274,6 +275,7 @@ def validate(cfg: PipelineConfig) -> None:
         (a.precision in ("auto", "fp32", "bf16", "fp16"), "attack.precision must be auto|fp32|bf16|fp16"),
         (a.perceptual in ("linf", "masking"), "attack.perceptual must be linf|masking"),
         (a.ensemble in ("mean", "min"), "attack.ensemble must be mean|min"),
+        (a.passband_hz is None or a.passband_hz > 0, "attack.passband_hz must be > 0 or null"),
         (len(a.eot_views) > 0, "attack.eot_views must name at least one view (clean48k: none)"),
         (au.window_seconds > 0, "audio.window_seconds must be > 0"),
         (

@@ -113,6 +113,7 @@ class TrackProtector:
         measure_musicldm: bool = True,
         measure_masking: bool = True,
         ensemble: str = "mean",
+        passband_hz: float | None = None,
     ):
         if perceptual not in ("linf", "masking"):
             raise ValueError(f"perceptual must be linf or masking, got {perceptual!r}")
@@ -129,6 +130,7 @@ class TrackProtector:
         if ensemble not in ("mean", "min"):
             raise ValueError(f"ensemble must be mean or min, got {ensemble!r}")
         self.ensemble = ensemble
+        self.passband_hz = passband_hz
         self.params = params
         self.window_seconds = window_seconds
         self.overlap_seconds = overlap_seconds
@@ -209,18 +211,33 @@ class TrackProtector:
         return per_encoder.mean(dim=1) if self.ensemble == "mean" else per_encoder.min(dim=1).values
 
     def _constrain_fn(self, x: torch.Tensor, sample_rate: int):
-        """The perceptual projection for the engine (None in linf mode): δ's STFT bins above the
-        clean window's masking threshold are scaled down to it, per channel."""
-        if self.perceptual != "masking":
+        """The engine's extra projection (None when there is none): δ low-passed to the passband an
+        imitator's loader keeps (δ above it never reaches its CLAP), then δ's STFT bins above the
+        clean window's masking threshold scaled down to it, per channel."""
+        steps = []
+        if self.passband_hz is not None and self.passband_hz < sample_rate / 2:
+            import julius
+
+            cutoff = self.passband_hz / sample_rate
+            steps.append(lambda delta, rows: julius.lowpass_filter(delta, cutoff))
+        if self.perceptual == "masking":
+            batch, channels, samples = x.shape
+            threshold = masking_threshold(x.reshape(batch * channels, samples), sample_rate, self.masking)
+            threshold = threshold.reshape(batch, channels, *threshold.shape[1:])
+
+            def under_mask(delta: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+                flat = delta.reshape(-1, samples)
+                th = threshold[rows].reshape(-1, *threshold.shape[2:])
+                return project_below_threshold(flat, th, sample_rate, self.masking).reshape(delta.shape)
+
+            steps.append(under_mask)
+        if not steps:
             return None
-        batch, channels, samples = x.shape
-        threshold = masking_threshold(x.reshape(batch * channels, samples), sample_rate, self.masking)
-        threshold = threshold.reshape(batch, channels, *threshold.shape[1:])
 
         def constrain(delta: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-            flat = delta.reshape(-1, samples)
-            th = threshold[rows].reshape(-1, *threshold.shape[2:])
-            return project_below_threshold(flat, th, sample_rate, self.masking).reshape(delta.shape)
+            for step in steps:
+                delta = step(delta, rows)
+            return delta
 
         return constrain
 

@@ -94,3 +94,15 @@ def test_quality_figures() -> None:
     assert 1.0 <= pesq_wb(clean, heavy, 44_100) < pesq_wb(clean, slight, 44_100) <= 4.7
     assert stoi(clean, slight, 44_100) > stoi(clean, heavy, 44_100)
     assert np.isnan(pesq_wb(np.zeros_like(clean), np.zeros_like(clean), 44_100))
+
+
+def test_passband_keeps_delta_below_cutoff(tiny_encoder) -> None:
+    rate = 48_000
+    track = Track("t", synthesize(2.0, rate, 1, 120, 220.0), rate, "FLOAT")
+    result = _protector(tiny_encoder, steps=2, passband_hz=8000.0).protect([track])[0]
+    assert not result.error and result.linf <= 0.003 + 1e-7
+    delta = (result.samples - track.samples)[:, 0].astype(np.float64)
+    spectrum = np.abs(np.fft.rfft(delta)) ** 2
+    freqs = np.fft.rfftfreq(delta.shape[0], 1 / rate)
+    above = spectrum[freqs > 9000].sum() / spectrum.sum()
+    assert above < 0.05  # the ε clip after the low-pass leaks a little; plain sign steps are ~80 % up there

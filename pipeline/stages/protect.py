@@ -64,6 +64,7 @@ def build_protector(cfg: PipelineConfig) -> TrackProtector:
         measure_musicldm=cfg.quality.musicldm_view,
         measure_masking=cfg.quality.masking,
         ensemble=a.ensemble,
+        passband_hz=a.passband_hz,
     )
 
 
