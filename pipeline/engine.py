@@ -128,7 +128,9 @@ def pgd(
         best_delta[chosen] = candidate[better].detach()
         best_delta_e[chosen] = delta_e[better].detach()
         cos = torch.nn.functional.cosine_similarity(adv[better], clean[chosen], dim=-1)
-        best_cos[chosen] = cos.reshape(len(chosen), -1).mean(dim=1).detach()  # mean over encoders
+        if cos.ndim > 1:  # an ensemble: [b, encoders] -> mean over encoders
+            cos = cos.mean(dim=1)
+        best_cos[chosen] = cos.detach()
         return delta_e.detach()
 
     for _ in range(params.steps):

@@ -78,6 +78,31 @@ def test_keeps_best_delta_seen() -> None:
     torch.testing.assert_close(measured, result.delta_e, atol=1e-5, rtol=1e-5)
 
 
+def test_steps_that_improve_nothing_are_fine() -> None:
+    """alpha = 0: after the first evaluation no window ever improves (empty update sets)."""
+    x = _x()
+    result = pgd(StubEncoder(256), x, PGDParams(0.01, 0.0, 3, 0.01), generator=torch.Generator().manual_seed(0))
+    assert (result.steps == 3).all() and (result.delta_e > 0).all()
+
+
+def test_ensemble_shaped_embeddings() -> None:
+    """[b, encoders, D] embeddings with a reducing distance (as TrackProtector's ensembles use)."""
+    stubs = [StubEncoder(256, seed=1), StubEncoder(256, seed=2)]
+
+    def embed(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        return torch.stack([stub(x, rows) for stub in stubs], dim=1)
+
+    def worst(adv: torch.Tensor, clean: torch.Tensor) -> torch.Tensor:
+        return (adv - clean).norm(dim=-1).min(dim=1).values
+
+    x = _x()
+    result = pgd(embed, x, PGDParams(0.01, 0.004, 4, 0.01), generator=torch.Generator().manual_seed(0), distance=worst)
+    every = torch.arange(4)
+    measured = worst(embed(x + result.delta, every), embed(x, every))
+    torch.testing.assert_close(measured, result.delta_e, atol=1e-5, rtol=1e-5)
+    assert result.cos.shape == (4,)
+
+
 def test_deterministic_for_a_seed() -> None:
     x = _x()
     params = PGDParams(0.01, 0.004, 5, 0.01)
