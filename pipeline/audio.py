@@ -7,6 +7,7 @@ Arrays are float32 [samples, channels], full scale 1.0, at the track's own sampl
 from __future__ import annotations
 
 import io
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -71,9 +72,14 @@ def decode(data: bytes, min_seconds: float = 0.1) -> DecodedAudio:
     try:
         with sf.SoundFile(io.BytesIO(data)) as f:
             fmt, subtype, rate = f.format, f.subtype, int(f.samplerate)
+            # libsndfile reads a WAV cut inside its data chunk as a shorter track; its header says so.
+            truncated = re.search(r"^data\s*:\s*\d+ \(should be \d+\)", f.extra_info, re.M)
             samples = f.read(dtype="float32", always_2d=True)
     except (sf.LibsndfileError, RuntimeError, TypeError, ValueError) as exc:
-        raise AudioDecodeError(f"not decodable audio ({exc})") from exc
+        reason = exc.error_string if isinstance(exc, sf.LibsndfileError) else str(exc)  # no object addresses
+        raise AudioDecodeError(f"not decodable audio ({reason})") from exc
+    if truncated:
+        raise AudioDecodeError("truncated: data chunk shorter than its header declares")
     if rate <= 0:
         raise AudioDecodeError(f"invalid sample rate {rate}")
     if samples.shape[0] < max(1, round(min_seconds * rate)):

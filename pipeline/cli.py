@@ -62,6 +62,12 @@ def cmd_protect(args: argparse.Namespace) -> int:
     summary = run(cfg)
     print_summary(summary)
     print(f"outputs: {cfg.io.output}  (<shard>.tar, <shard>.parquet, <shard>.stats.json)")
+    if summary.failed_shards:
+        for shard_id, why in summary.failed_shards:
+            print(f"shard {shard_id} FAILED: {why}", file=sys.stderr)
+        count = len(summary.failed_shards)
+        print(f"{count} shard(s) not committed; rerun the same command to retry them", file=sys.stderr)
+        return 3
     return 0
 
 

@@ -48,6 +48,7 @@ class RunSummary:
     all_outputs: ShardStats
     wall_seconds: float
     random_encoder: bool
+    failed_shards: list[tuple[str, str]] = field(default_factory=list)  # (shard id, why): no marker, rerun
 
 
 def plan(cfg: PipelineConfig) -> RunPlan:
@@ -100,6 +101,14 @@ class Progress:
         elapsed = time.perf_counter() - self.started
         eta = elapsed / self.done * (self.total - self.done)
         mean = self.delta_e_sum / self.ok if self.ok else float("nan")
+        if summary.get("failed"):
+            print(
+                f"[{self.done}/{self.total} shards] {summary['shard_id']}: FAILED ({summary['failed']}); "
+                "no marker written, a rerun retries it",
+                file=self.stream,
+                flush=True,
+            )
+            return
         print(
             f"[{self.done}/{self.total} shards] {summary['shard_id']}: items {self.items} "
             f"(ok {self.ok}, error {self.error}) | Δe mean {mean:.3f} | "
@@ -207,6 +216,7 @@ def run(
         metrics = DriverMetrics(port, addr=cfg.runtime.metrics_addr) if port is not None else NoopMetrics()
     metrics.shards_total(len(run_plan.pending))
     input_urls = {s.shard_id: s.url for s in run_plan.pending}
+    failed: list[tuple[str, str]] = []
     try:
         if run_plan.pending:
             init_ray(cfg)
@@ -214,6 +224,9 @@ def run(
                 progress.update(summary)
                 stats = ShardStats.from_json(summary["stats_json"])
                 this_run = this_run + stats
+                if summary["failed"]:
+                    failed.append((summary["shard_id"], summary["failed"]))
+                    continue
                 metrics.record_committed_shard(
                     out,
                     summary["shard_id"],
@@ -233,4 +246,5 @@ def run(
         all_outputs=merge_stats(out),
         wall_seconds=time.perf_counter() - started,
         random_encoder=random_encoder,
+        failed_shards=failed,
     )

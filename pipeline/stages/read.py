@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -18,6 +19,15 @@ class ReadSettings:
     extensions: tuple[str, ...]
     max_member_bytes: int
     storage_options: dict[str, Any]
+
+
+_ADDRESS = re.compile(r"<[^<>]* (object )?at 0x[0-9a-fA-F]+>")
+
+
+def stable_message(message: str) -> str:
+    """An error message without object addresses (libsndfile names its `<BytesIO at 0x..>`), so
+    that the same bad input gives the same manifest on every run."""
+    return _ADDRESS.sub("<bytes>", message)
 
 
 def sample_row(sample: Sample, settings: ReadSettings) -> dict[str, Any]:
@@ -38,7 +48,9 @@ def sample_row(sample: Sample, settings: ReadSettings) -> dict[str, Any]:
         R.OUT_SUBTYPE: "",
         R.OUT_EXT: "",
     }
-    audio = [i for i, n in enumerate(sample.names) if split_name(n)[1].rsplit(".", 1)[-1].lower() in settings.extensions]
+    audio = [
+        i for i, n in enumerate(sample.names) if split_name(n)[1].rsplit(".", 1)[-1].lower() in settings.extensions
+    ]
     if sample.error:
         row.update({R.STATUS: "error", R.ERROR: f"bad member: {sample.error}"})
     elif not audio:
@@ -55,7 +67,7 @@ def sample_row(sample: Sample, settings: ReadSettings) -> dict[str, Any]:
     try:
         decoded = decode(sample.data[index])
     except AudioDecodeError as exc:
-        row.update({R.STATUS: "error", R.ERROR: f"decode: {exc}"})
+        row.update({R.STATUS: "error", R.ERROR: f"decode: {stable_message(str(exc))}"})
         return row
     ext = split_name(sample.names[index])[1].rsplit(".", 1)[-1]
     out = output_format_for(decoded.format, decoded.subtype, ext)
@@ -75,7 +87,9 @@ def sample_row(sample: Sample, settings: ReadSettings) -> dict[str, Any]:
 
 def read_shard(shard: dict[str, Any], settings: ReadSettings) -> Iterator[dict[str, Any]]:
     """flat_map body: every key of the shard as a row; a shard-level problem (missing, truncated
-    tar) or an empty shard adds one row of kind 'shard' so the writer still completes the shard."""
+    tar, storage failure) or an empty shard adds one row of kind 'shard' (key `__shard__`) whose
+    error starts with the problem's kind (see `pipeline.shards`), so that the writer still hears
+    of the shard: it completes it, or for storage failures leaves it for the next run."""
     samples, shard_error = read_samples(shard[R.SHARD_URL], settings.storage_options, settings.max_member_bytes)
     rows = [sample_row(s, settings) for s in samples]
     if shard_error or not samples:
@@ -84,9 +98,16 @@ def read_shard(shard: dict[str, Any], settings: ReadSettings) -> Iterator[dict[s
                 **sample_row(Sample(key=SHARD_ERROR_KEY), settings),
                 R.KIND: R.KIND_SHARD,
                 R.STATUS: "error" if shard_error else "ok",
-                R.ERROR: f"shard: {shard_error}" if shard_error else "",
+                R.ERROR: stable_message(shard_error),
             }
         )
     for index, row in enumerate(rows):
-        row.update({R.SHARD_ID: shard[R.SHARD_ID], R.SHARD_URL: shard[R.SHARD_URL], R.SHARD_ITEMS: len(rows), R.INDEX: index})
+        row.update(
+            {
+                R.SHARD_ID: shard[R.SHARD_ID],
+                R.SHARD_URL: shard[R.SHARD_URL],
+                R.SHARD_ITEMS: len(rows),
+                R.INDEX: index,
+            }
+        )
         yield row

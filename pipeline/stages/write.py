@@ -3,6 +3,8 @@ commits each shard once all its keys have arrived: tar, Parquet manifest, then t
 
 from __future__ import annotations
 
+import json
+import logging
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -12,10 +14,15 @@ import numpy as np
 from pipeline.audio import AudioEncodeError, OutputFormat, encode
 from pipeline.manifest import commit_shard
 from pipeline.records import ManifestRow, SampleStatus, ShardStats
-from pipeline.shards import OutputFolder, build_tar, split_name
+from pipeline.shards import UNCOMMITTED_SHARD_ERRORS, OutputFolder, build_tar, split_name
 from pipeline.stages import rows as R
 
-SUMMARY_COLUMNS = ["shard_id", "items", "ok", "error", "delta_e_sum", "audio_seconds", "stats_json"]
+logger = logging.getLogger(__name__)
+
+# One summary row per shard. `failed` is '' for a committed shard, else why it was not committed
+# (no marker: the next run does it again); its stats then count no items, only the error kind.
+SUMMARY_COLUMNS = ["shard_id", "items", "ok", "error", "delta_e_sum", "audio_seconds", "stats_json", "failed"]
+SHARD_FAILED = "shard failed"  # error kind in the stats of a shard that was not committed
 
 
 def encode_batch(batch: dict[str, Any]) -> dict[str, Any]:
@@ -44,7 +51,9 @@ class WriteSettings:
     target_delta_e: float
 
 
-def shard_outputs(rows: list[dict[str, Any]], settings: WriteSettings) -> tuple[list[tuple[str, bytes]], list[ManifestRow], ShardStats]:
+def shard_outputs(
+    rows: list[dict[str, Any]], settings: WriteSettings
+) -> tuple[list[tuple[str, bytes]], list[ManifestRow], ShardStats]:
     """Tar members, manifest rows and stats of one complete shard (rows in any order)."""
     members: list[tuple[str, bytes]] = []
     manifest: list[ManifestRow] = []
@@ -72,11 +81,15 @@ def shard_outputs(rows: list[dict[str, Any]], settings: WriteSettings) -> tuple[
         if entry.status is SampleStatus.OK:
             for name in R.STATS:
                 setattr(entry, name, int(row[name]) if name == "n_windows" else float(row[name]))
+            entry.delta_e_by_encoder = json.loads(row.get(R.DELTA_E_BY_ENCODER) or "{}")
             key, _ = split_name(names[audio])
             entry.output_member = f"{key}.{_replace_last(split_name(names[audio])[1], row[R.OUT_EXT])}"
             entry.output_format = f"{row[R.OUT_FORMAT]}/{row[R.OUT_SUBTYPE]}"
             entry.written = True
-            members.extend((entry.output_member, row[R.AUDIO_BYTES]) if i == audio else (n, d) for i, (n, d) in enumerate(zip(names, data)))
+            members.extend(
+                (entry.output_member, row[R.AUDIO_BYTES]) if i == audio else (n, d)
+                for i, (n, d) in enumerate(zip(names, data, strict=True))
+            )
             stats.ok += 1
             stats.windows += entry.n_windows
             stats.audio_seconds += entry.duration_s
@@ -87,7 +100,7 @@ def shard_outputs(rows: list[dict[str, Any]], settings: WriteSettings) -> tuple[
             stats.error += 1
             stats.add_error(entry.error)
             if settings.on_error == "passthrough" and not entry.error.startswith("bad member"):
-                members.extend(zip(names, data))
+                members.extend(zip(names, data, strict=True))
                 entry.written = True
                 entry.output_member = entry.input_member
                 stats.passthrough += 1
@@ -125,9 +138,18 @@ class ShardWriter:
         return {c: [s[c] for s in summaries] for c in SUMMARY_COLUMNS}
 
     def _commit(self, shard_id: str, rows: list[dict[str, Any]]) -> dict[str, Any]:
-        members, manifest, stats = shard_outputs(rows, self.settings)
-        stats.wall_seconds = time.perf_counter() - self.started.pop(shard_id)
-        commit_shard(self.out, shard_id, build_tar(members), manifest, stats)
+        started = self.started.pop(shard_id)
+        storage = [
+            r[R.ERROR] for r in rows if r[R.KIND] == R.KIND_SHARD and r[R.ERROR].startswith(UNCOMMITTED_SHARD_ERRORS)
+        ]
+        if storage:
+            return self._failed(shard_id, storage[0])
+        try:
+            members, manifest, stats = shard_outputs(rows, self.settings)
+            stats.wall_seconds = time.perf_counter() - started
+            commit_shard(self.out, shard_id, build_tar(members), manifest, stats)
+        except Exception as exc:  # a shard that cannot be written fails alone, never the run
+            return self._failed(shard_id, f"write: {type(exc).__name__}: {exc}")
         return {
             "shard_id": shard_id,
             "items": stats.items,
@@ -136,4 +158,13 @@ class ShardWriter:
             "delta_e_sum": stats.delta_e_sum,
             "audio_seconds": stats.audio_seconds,
             "stats_json": stats.to_json(),
+            "failed": "",
         }
+
+    def _failed(self, shard_id: str, reason: str) -> dict[str, Any]:
+        """Summary of a shard left without a marker (so it stays pending for the next run)."""
+        logger.error("shard %s not committed (it stays pending): %s", shard_id, reason)
+        stats = ShardStats(config_hash=self.settings.config_hash)
+        stats.add_error(f"{SHARD_FAILED}: {reason}")
+        summary: dict[str, Any] = {"shard_id": shard_id, "items": 0, "ok": 0, "error": 0, "delta_e_sum": 0.0}
+        return {**summary, "audio_seconds": 0.0, "stats_json": stats.to_json(), "failed": reason}
