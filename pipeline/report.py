@@ -40,11 +40,26 @@ from pipeline.shards import OutputFolder, filesystem, list_shards, open_url
 logger = logging.getLogger(__name__)
 
 DEFAULT_TARGET = 0.5
-BASE_QUALITY = ("snr_db", "linf", "cos_mean", "steps_mean")
+# Manifest quality columns, in display order; columns with no finite value (switched off) are left out.
+BASE_QUALITY = (
+    "snr_db",
+    "segsnr_db",
+    "linf",
+    "cos_mean",
+    "delta_e_musicldm",
+    "mask_energy_above",
+    "nmr_db",
+    "pesq_wb",
+    "stoi",
+    "steps_mean",
+)
 QUALITY_LABELS = {
     "snr_db": "SNR of δ (dB)",
+    "segsnr_db": "segmental SNR (dB)",
     "linf": "L∞ of δ (full scale 1.0)",
     "cos_mean": "cosine(CLAP(x+δ), CLAP(x))",
+    "delta_e_musicldm": "Δe through MusicLDM's view",
+    "mask_energy_above": "share of δ energy above the masking threshold",
     "steps_mean": "PGD steps per window",
     "pesq_wb": "PESQ wide-band",
     "stoi": "STOI",
@@ -642,7 +657,9 @@ def render(
         parts.append("<p class='note'>No ok item with a Δe.</p>")
 
     parts.append("<h2 id='quality'>Quality of δ and PGD effort</h2>")
-    quality = [n for n in (*BASE_QUALITY, *data.extra_columns) if n in c and n not in NOT_QUALITY]
+    quality = [
+        n for n in (*BASE_QUALITY, *data.extra_columns) if n in c and n not in NOT_QUALITY and _finite(c[n][ok]).size
+    ]
     quality.append("seconds")
     parts.append(_img(quality_figure({n: c[n][ok] for n in quality}, quality), "quality distributions"))
     parts.append(

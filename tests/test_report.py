@@ -100,7 +100,7 @@ def build_output(root: Path, encoder_id: str = RANDOM_ENCODER, extras: bool = Tr
                 cos_mean=1 - de**2 / 2, linf=float(np.max(np.abs(delta))),
                 snr_db=float(10 * np.log10(np.sum(x**2) / np.sum(delta**2))),
                 steps_mean=float(rng.integers(12, 50)), seconds=float(rng.uniform(0.5, 4.0)) * n_windows,
-                encoder_id=encoder_id, config_hash="0123456789ab",
+                encoder_id=encoder_id, config_hash="0123456789ab", pesq_wb=float(rng.uniform(3.5, 4.5)),
             )  # fmt: skip
             stats.ok += 1
             stats.windows += n_windows
@@ -116,8 +116,8 @@ def build_output(root: Path, encoder_id: str = RANDOM_ENCODER, extras: bool = Tr
         commit_shard(out, shard_id, build_tar(out_members), rows, stats)
         if extras and s_index == 1:  # a later pipeline version adds a quality column
             table = manifest_table(rows)
-            pesq = [4.2 - 0.1 * i if r.status is SampleStatus.OK else None for i, r in enumerate(rows)]
-            table = table.append_column("pesq_wb", pa.array(pesq, pa.float64()))
+            future = [4.2 - 0.1 * i if r.status is SampleStatus.OK else None for i, r in enumerate(rows)]
+            table = table.append_column("future_metric", pa.array(future, pa.float64()))
             buffer = io.BytesIO()
             pq.write_table(table, buffer)
             out.write_atomic(f"{shard_id}.parquet", buffer.getvalue())
@@ -158,8 +158,8 @@ def test_load_output_reads_manifests_markers_and_extras(tmp_path):
     assert data.n_rows == 12  # 6 + 5 items + one shard-level row
     assert data.stats.items == 11 and data.stats.ok == 9 and data.stats.error == 2
     assert data.target == pytest.approx(0.45)
-    assert data.extra_columns == ["pesq_wb"]
-    assert np.isnan(data.columns["pesq_wb"][:6]).all()  # shard 0 has no such column
+    assert data.extra_columns == ["future_metric"]
+    assert np.isnan(data.columns["future_metric"][:6]).all()  # shard 0 has no such column
     assert data.encoder_ids == [RANDOM_ENCODER]
     assert data.robustness_table is not None and data.robustness_table.num_rows == 2
     assert "mp3 128k" in data.robustness_md
@@ -171,7 +171,8 @@ def test_report_has_every_section_and_real_images(report_page):
         assert f"id='{anchor}'" in page, anchor
     assert "Random CLAP weights were used" in page and "protect nothing" in page
     assert "target 0.45" in page or "target (0.45)" in page
-    assert "PESQ wide-band" in page  # the extra numeric column
+    assert "future_metric" in page  # an extra numeric column from a later pipeline version
+    assert "PESQ wide-band" in page  # a schema quality column with values
     for kind in ("decode", "too short", "unreadable tar"):
         assert f'<td class="">{kind}</td>' in page, kind
     assert "shard-000002" in page  # the orphan manifest is reported
