@@ -281,6 +281,23 @@ class LoadedEncoder:
     device: torch.device
 
 
+def load_configured_encoder(
+    cfg: Any, storage_options: Mapping[str, Any] | None, spec: str | None = None
+) -> LoadedEncoder:
+    """`load_encoder` with the settings of an EncoderConfig; `spec` (default cfg.checkpoint) picks
+    one of its encoders. The sha256 pin applies to cfg.checkpoint only."""
+    spec = spec or cfg.checkpoint
+    return load_encoder(
+        spec,
+        cfg.amodel,
+        sha256=cfg.sha256 if spec == cfg.checkpoint else None,
+        cache_dir=cfg.cache_dir,
+        hub_offline=cfg.hub_offline,
+        device=cfg.device,
+        storage_options=storage_options,
+    )
+
+
 def pick_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")

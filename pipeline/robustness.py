@@ -16,7 +16,7 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +28,7 @@ import yaml
 
 from pipeline.audio import decode
 from pipeline.config import PipelineConfig, config_from_dict, load_config
-from pipeline.encoder import ClapView, load_encoder
+from pipeline.encoder import ClapView, load_configured_encoder
 from pipeline.shards import OutputFolder, read_samples
 from pipeline.views import musicldm
 
@@ -121,17 +121,7 @@ class Embedder:
     """CLAP embedding of the first 10 s window of a track, with an optional 48 kHz view."""
 
     def __init__(self, cfg: PipelineConfig, spec: str | None = None):
-        enc = cfg.encoder
-        spec = spec or enc.checkpoint
-        self.encoder = load_encoder(
-            spec,
-            enc.amodel,
-            sha256=enc.sha256 if spec == enc.checkpoint else None,
-            cache_dir=enc.cache_dir,
-            hub_offline=enc.hub_offline,
-            device=enc.device,
-            storage_options=cfg.io.storage.storage_options(),
-        )
+        self.encoder = load_configured_encoder(cfg.encoder, cfg.io.storage.storage_options(), spec)
 
     @torch.no_grad()
     def __call__(self, samples: np.ndarray, rate: int, musicldm_view: bool = False) -> torch.Tensor:
@@ -232,14 +222,14 @@ def summary_table(rows: list[RobustnessRow], target: float) -> str:
     return "\n".join(lines)
 
 
-def write_outputs(rows: list[RobustnessRow], out_dir: str, storage_options: dict, table: str) -> None:
-    """`robustness.parquet` and `robustness.md` under `out_dir` (local or s3://)."""
+def write_outputs(rows: list[dict], out_dir: str, storage_options: dict, table: str, stem: str) -> None:
+    """`<stem>.parquet` (one row per dict) and `<stem>.md` under `out_dir` (local or s3://)."""
     folder = OutputFolder(out_dir, storage_options)
     folder.ensure()
     buffer = pa.BufferOutputStream()
-    pq.write_table(pa.Table.from_pylist([r.__dict__ for r in rows]), buffer)
-    folder.write_atomic("robustness.parquet", buffer.getvalue().to_pybytes())
-    folder.write_atomic("robustness.md", (table + "\n").encode())
+    pq.write_table(pa.Table.from_pylist(rows), buffer)
+    folder.write_atomic(f"{stem}.parquet", buffer.getvalue().to_pybytes())
+    folder.write_atomic(f"{stem}.md", (table + "\n").encode())
 
 
 def run_config(args: argparse.Namespace, output_url: str) -> PipelineConfig:
@@ -279,7 +269,8 @@ def cmd_robustness(args: argparse.Namespace) -> int:
     table = summary_table(rows, cfg.attack.target_delta_e)
     if cfg.encoder.checkpoint.startswith("random:"):
         table = "RANDOM CLAP WEIGHTS: these figures show the evaluation runs, not real protection.\n\n" + table
-    write_outputs(rows, args.out or args.input, cfg.io.storage.storage_options(), table)
+    options = cfg.io.storage.storage_options()
+    write_outputs([asdict(r) for r in rows], args.out or args.input, options, table, "robustness")
     print(table)
     return 0
 

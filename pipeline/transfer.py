@@ -16,11 +16,10 @@ import sys
 from dataclasses import asdict, dataclass
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.audio import decode
-from pipeline.robustness import Embedder, run_config, sample_pairs
+from pipeline.robustness import Embedder, run_config, sample_pairs, write_outputs
 from pipeline.shards import OutputFolder
 
 
@@ -105,12 +104,8 @@ def cmd_transfer(args: argparse.Namespace) -> int:
             "RANDOM CLAP WEIGHTS: encoders with different seeds stand in for different checkpoints; "
             "these figures show the harness, not real transfer.\n\n" + table
         )
-    out = OutputFolder(args.out or args.protected[0], cfg.io.storage.storage_options())
-    out.ensure()
-    buffer = pa.BufferOutputStream()
-    pq.write_table(pa.Table.from_pylist([asdict(r) for r in rows]), buffer)
-    out.write_atomic("transfer.parquet", buffer.getvalue().to_pybytes())
-    out.write_atomic("transfer.md", (table + "\n").encode())
+    options = cfg.io.storage.storage_options()
+    write_outputs([asdict(r) for r in rows], args.out or args.protected[0], options, table, "transfer")
     print(table)
     return 0
 

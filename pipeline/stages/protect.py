@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from pipeline.config import PipelineConfig
-from pipeline.encoder import load_encoder
+from pipeline.encoder import load_configured_encoder
 from pipeline.engine import PGDParams
 from pipeline.metrics import ActorMetrics, error_kind
 from pipeline.protect import Track, TrackProtector
@@ -31,18 +31,8 @@ def resolve_precision(precision: str, device: torch.device) -> str:
 def build_protector(cfg: PipelineConfig) -> TrackProtector:
     """The encoder(s) and attack of `cfg`, ready to protect tracks (used by the actor and the bench)."""
     enc = cfg.encoder
-    encoders = [
-        load_encoder(
-            spec,
-            enc.amodel,
-            sha256=enc.sha256 if spec == enc.checkpoint else None,
-            cache_dir=enc.cache_dir,
-            hub_offline=enc.hub_offline,
-            device=enc.device,
-            storage_options=cfg.io.storage.storage_options(),
-        )
-        for spec in (enc.checkpoint, *enc.ensemble)
-    ]
+    options = cfg.io.storage.storage_options()
+    encoders = [load_configured_encoder(enc, options, spec) for spec in (enc.checkpoint, *enc.ensemble)]
     a = cfg.attack
     params = PGDParams(
         eps=a.eps,
