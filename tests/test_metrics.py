@@ -201,3 +201,66 @@ def test_actor_metrics_in_real_ray_actor(ray_session):
     local.batch_done(2, 0.5, 20, {"x": 1})
     assert local.active
     ray.kill(probe)
+
+
+@pytest.mark.slow
+def test_driver_endpoint_during_a_real_run_matches_manifests(tmp_path, ray_session):
+    """Scrape the driver's endpoint while the real pipeline runs; at the end the counters equal
+    what the manifests and markers say."""
+    import threading
+    import urllib.request
+
+    import pyarrow.parquet as pq
+    from conftest import audio_bytes, write_shard
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from pipeline.config import config_from_dict
+    from pipeline.metrics import DriverMetrics
+    from pipeline.stages.pipeline import run
+
+    for shard in range(2):
+        write_shard(
+            tmp_path / "in" / f"s{shard}.tar",
+            [(f"k{shard}{i}.wav", audio_bytes(1.0, 16000, 1, seed=shard * 10 + i)) for i in range(2)]
+            + [(f"bad{shard}.wav", b"not audio")],
+        )
+    cfg = config_from_dict(
+        {
+            "io": {"input": str(tmp_path / "in"), "output": str(tmp_path / "out")},
+            "encoder": {"checkpoint": "random:HTSAT-tiny:0", "device": "cpu"},
+            "attack": {"steps": 1, "precision": "fp32"},
+            "runtime": {"tracks_per_call": 1, "batch_windows": 2, "progress": False},
+        }
+    )
+    metrics = DriverMetrics(0, addr="127.0.0.1")
+    url = f"http://127.0.0.1:{metrics.port}/metrics"
+    scrapes: list[str] = []
+    done = threading.Event()
+
+    def scrape() -> None:
+        while not done.is_set():
+            scrapes.append(urllib.request.urlopen(url, timeout=5).read().decode())
+            done.wait(0.5)
+
+    thread = threading.Thread(target=scrape, daemon=True)
+    thread.start()
+    try:
+        run(cfg, metrics=metrics)
+        final = urllib.request.urlopen(url, timeout=5).read().decode()
+    finally:
+        done.set()
+        thread.join(timeout=10)
+        metrics.stop()
+    assert len(scrapes) >= 2  # the endpoint answered while the run was going
+
+    values: dict[tuple[str, tuple], float] = {}
+    for family in text_string_to_metric_families(final):
+        for sample in family.samples:
+            values[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    rows = [r for f in sorted((tmp_path / "out").glob("*.parquet")) for r in pq.read_table(f).to_pylist()]
+    ok = sum(r["status"] == "ok" for r in rows)
+    error = sum(r["status"] == "error" for r in rows)
+    assert (ok, error) == (4, 2)
+    items = {labels: v for (name, labels), v in values.items() if name == "unlearnable_items_total"}
+    assert sum(v for labels, v in items.items() if ("status", "ok") in labels) == ok
+    assert sum(v for labels, v in items.items() if ("status", "error") in labels) == error
