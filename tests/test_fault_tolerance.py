@@ -225,3 +225,16 @@ def test_run_goes_on_when_one_output_cannot_be_committed(tmp_path: Path, ray_ses
     assert failed["s-001"].startswith("write: IsADirectoryError")
     assert sorted(p.name for p in out.glob("*.stats.json")) == ["s-000.stats.json", "s-002.stats.json"]
     assert not (out / TMP_DIR).exists()
+
+
+def test_failed_shards_reach_the_summary_and_exit_code(tmp_path: Path, ray_session, capsys) -> None:
+    """`unlearnable protect` lists the shard that could not be committed and exits 3."""
+    from pipeline.cli import main
+
+    catalog(tmp_path / "in", shards=2, per_shard=1, seconds=1.0)
+    out = tmp_path / "out"
+    (out / "s-001.tar").mkdir(parents=True)
+    config = tmp_path / "c.yaml"
+    config.write_text(config_from_dict(config_dict(str(tmp_path / "in"), str(out))).to_yaml())
+    assert main(["protect", "--config", str(config)]) == 3
+    assert "shard s-001 FAILED: write: IsADirectoryError" in capsys.readouterr().err

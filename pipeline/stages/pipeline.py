@@ -224,6 +224,8 @@ def run(
                 progress.update(summary)
                 stats = ShardStats.from_json(summary["stats_json"])
                 this_run = this_run + stats
+                if on_summary is not None:
+                    on_summary(summary)
                 if summary["failed"]:
                     failed.append((summary["shard_id"], summary["failed"]))
                     continue
@@ -234,8 +236,6 @@ def run(
                     input_url=input_urls.get(summary["shard_id"]),
                     storage_options=options,
                 )
-                if on_summary is not None:
-                    on_summary(summary)
     finally:
         if owns_metrics:
             metrics.stop()
