@@ -103,3 +103,13 @@ def test_demo_command_as_in_readme(tmp_path: Path) -> None:
     assert "protects NOTHING" in result.stderr
     assert (tmp_path / "protected" / "shard-000001.stats.json").exists()
     assert "| ok                |        6 |" in result.stdout
+
+
+def test_robustness_job_entrypoint_reads_environment() -> None:
+    from jobs.robustness import build_argv as robustness_argv
+
+    env = {"UNLEARNABLE_OUTPUT": "s3://a/out/", "UNLEARNABLE_INPUT": "s3://a/in/"}
+    assert robustness_argv(["--count", "5"], env) == [
+        "robustness", "--count", "5", "--input", "s3://a/out/", "--clean", "s3://a/in/"
+    ]  # fmt: skip
+    assert robustness_argv(["--input", "x", "--clean", "y"], env) == ["robustness", "--input", "x", "--clean", "y"]
