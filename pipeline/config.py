@@ -63,6 +63,13 @@ class AudioConfig:
     extensions: tuple[str, ...] = ("flac", "wav", "mp3", "ogg", "opus", "oga", "aiff", "aif")
     max_member_mb: float = 1024.0  # members larger than this are errors, never read into memory
     on_error: str = "passthrough"  # passthrough | drop: keep a failed item's original bytes or not
+    # Lossy inputs (MP3, Ogg Vorbis, Opus, AAC) cannot be re-encoded in their codec without noise
+    # larger than ε. flac: write FLAC (extension changed, mapping in the manifest); same: re-encode
+    # in the input codec at its bitrate (the manifest's linf is measured after encoding, no ε claim).
+    lossy_output: str = "flac"
+    # Tracks longer than this travel as several segment rows (whole windows each, crossfaded back
+    # together by the writer), so a protect actor's memory does not grow with track length.
+    segment_seconds: float = 60.0
 
 
 @dataclass(frozen=True)
@@ -283,6 +290,8 @@ def validate(cfg: PipelineConfig) -> None:
             "audio.overlap_seconds must be >= 0 and less than half of audio.window_seconds",
         ),
         (au.on_error in ("passthrough", "drop"), "audio.on_error must be passthrough|drop"),
+        (au.lossy_output in ("flac", "same"), "audio.lossy_output must be flac|same"),
+        (au.segment_seconds >= 2 * au.window_seconds, "audio.segment_seconds must be ≥ 2 × audio.window_seconds"),
         (au.max_member_mb > 0, "audio.max_member_mb must be > 0"),
         (len(au.extensions) > 0, "audio.extensions must not be empty"),
         (rt.num_actors >= 1, "runtime.num_actors must be >= 1"),

@@ -33,7 +33,8 @@ class ManifestRow:
     error: str = ""
     input_member: str = ""  # tar member name of the audio in the input shard
     output_member: str = ""  # tar member name written (may change extension: mp3 -> flac)
-    output_format: str = ""  # e.g. "FLAC/PCM_16"
+    output_format: str = ""  # e.g. "FLAC/PCM_16", "MP3/MPEG_LAYER_III@128kbps" (lossy_output: same)
+    lossy_output: bool = False  # written in a lossy codec: no ε bound, see linf_written
     written: bool = False  # whether the key is present in the output shard
     duration_s: float = 0.0  # seconds
     sample_rate: int = 0  # Hz, of the track as stored
@@ -43,7 +44,13 @@ class ManifestRow:
     delta_e_min: float = float("nan")
     cos_mean: float = float("nan")  # cosine(CLAP(x+δ), CLAP(x)) over windows
     delta_e_musicldm: float = float("nan")  # Δe through MusicLDM's view (16 kHz round trip, peak norm)
-    linf: float = float("nan")  # max |x' - x| of the written samples (full scale 1.0)
+    # Δe of the written bytes decoded again: = delta_e_mean when they decode to exactly the samples
+    # the actor measured (lossless outputs); NaN for lossy outputs (no encoder in the encode stage:
+    # measure with `unlearnable robustness`, see docs/architecture.md).
+    delta_e_written: float = float("nan")
+    linf: float = float("nan")  # max |x' - x| of the protected samples before encoding (full scale 1.0)
+    linf_written: float = float("nan")  # max |decoded output - clean input| after alignment (lossy: codec noise)
+    eps_bound_holds: bool = False  # lossless output and linf_written ≤ ε + 1 LSB of its grid
     l2: float = float("nan")  # ||x' - x||₂ over all samples and channels
     snr_db: float = float("nan")  # 10·log10(Σx² / Σ(x'-x)²)
     segsnr_db: float = float("nan")  # segmental SNR over 20 ms frames, each clamped to [-10, 35] dB
@@ -81,6 +88,7 @@ MANIFEST_SCHEMA = pa.schema(
         ("input_member", pa.string()),
         ("output_member", pa.string()),
         ("output_format", pa.string()),
+        ("lossy_output", pa.bool_()),
         ("written", pa.bool_()),
         ("duration_s", pa.float64()),
         ("sample_rate", pa.int32()),
@@ -90,7 +98,10 @@ MANIFEST_SCHEMA = pa.schema(
         ("delta_e_min", pa.float64()),
         ("cos_mean", pa.float64()),
         ("delta_e_musicldm", pa.float64()),
+        ("delta_e_written", pa.float64()),
         ("linf", pa.float64()),
+        ("linf_written", pa.float64()),
+        ("eps_bound_holds", pa.bool_()),
         ("l2", pa.float64()),
         ("snr_db", pa.float64()),
         ("segsnr_db", pa.float64()),

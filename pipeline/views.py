@@ -6,13 +6,24 @@ straight-through where the real operation has no gradient). Used in two places:
 - measurement: `delta_e_musicldm` is Δe through the deterministic MusicLDM view.
 
 A new attacker pipeline is a new entry in VIEWS (and a config change), not new PGD code.
+
+Codec views (`mp3_128`, and any `<codec>_<kbps>` with codec mp3 | vorbis | opus | aac) run the
+real ffmpeg encoder and decoder in the forward pass, one subprocess pair per batch item (items in
+parallel threads), with a straight-through gradient (BPDA). They are slow (~0.1-0.3 s of CPU per
+10 s window and call); see docs/architecture.md, "Lossy inputs and outputs".
 """
 
 from __future__ import annotations
 
+import os
+import re
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 
+import numpy as np
 import torch
+
+from pipeline.audio import LOSSY_CODECS, codec_round_trip
 
 CLAP_RATE = 48_000
 MUSICLDM_RATE = 16_000  # MusicLDM trains on 16 kHz audio
@@ -92,6 +103,35 @@ def crop(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Ten
     return _shift(x, generator, CLAP_RATE)
 
 
+def codec_view(codec: str, kbps: int) -> ViewFn:
+    """A view that encodes each item with the real `codec` at `kbps` (ffmpeg, as a mono 48 kHz
+    stream) and decodes it back: forward = codec(x), backward = identity (straight-through, BPDA).
+    Deterministic (the generator is not used)."""
+    if codec not in LOSSY_CODECS:
+        raise KeyError(f"unknown codec {codec!r}; known: {sorted(LOSSY_CODECS)}")
+    spec = LOSSY_CODECS[codec]
+    if not spec.min_kbps <= kbps <= spec.max_kbps:
+        raise KeyError(f"{codec} bitrate {kbps} kbps outside [{spec.min_kbps}, {spec.max_kbps}]")
+
+    def round_trip(item: np.ndarray) -> np.ndarray:
+        return codec_round_trip(item[:, None], CLAP_RATE, codec, kbps)[:, 0]
+
+    def view(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        items = x.detach().float().cpu().numpy()  # [B, samples]
+        workers = min(len(items), os.cpu_count() or 1)
+        if workers > 1:  # one ffmpeg pair per item; they run side by side
+            with ThreadPoolExecutor(workers) as pool:
+                coded = np.stack(list(pool.map(round_trip, items)))
+        else:
+            coded = np.stack([round_trip(item) for item in items])
+        return straight_through(x, torch.from_numpy(coded).to(device=x.device, dtype=x.dtype))
+
+    view.__name__ = f"{codec}_{kbps}"
+    return view
+
+
+CODEC_VIEW = re.compile(r"^(mp3|vorbis|opus|aac)_(\d+)$")
+
 VIEWS: dict[str, ViewFn] = {
     "clean48k": clean48k,
     "musicldm": musicldm,
@@ -101,10 +141,15 @@ VIEWS: dict[str, ViewFn] = {
     "int16": int16,
     "gain": gain,
     "crop": crop,
+    "mp3_128": codec_view("mp3", 128),
 }
 
 
 def get_view(name: str) -> ViewFn:
+    """The view called `name`: an entry of VIEWS, or a codec view `<codec>_<kbps>` (made on first use)."""
     if name not in VIEWS:
-        raise KeyError(f"unknown view {name!r}; known: {sorted(VIEWS)}")
+        match = CODEC_VIEW.match(name)
+        if not match:
+            raise KeyError(f"unknown view {name!r}; known: {sorted(VIEWS)} and <mp3|vorbis|opus|aac>_<kbps>")
+        VIEWS[name] = codec_view(match[1], int(match[2]))
     return VIEWS[name]

@@ -185,14 +185,19 @@ def test_empty_shard_and_missing_shard(tmp_path: Path) -> None:
     assert missing[0][R.ERROR].startswith("shard not found:")
 
 
-def test_thirty_minute_track_reads(tmp_path: Path) -> None:
-    """The read stage holds a whole track as float32 PCM (here 30 min mono at 8 kHz: 58 MB)."""
+def test_thirty_minute_track_reads_as_bounded_segments(tmp_path: Path) -> None:
+    """The read task decodes a whole track (here 30 min mono at 8 kHz: 58 MB) but hands it on as
+    segment rows of at most `segment_seconds`, so no actor ever holds the whole track."""
     rate, seconds = 8000, 30 * 60
     t = np.arange(rate * seconds, dtype=np.float32) / rate
     data = wav_of((0.3 * np.sin(2 * np.pi * 220 * t))[:, None], rate)
     del t
-    rows = read(tmp_path, [("long.wav", data)], ReadSettings(EXTENSIONS, 1 << 30, {}))
-    assert rows[0][R.STATUS] == "ok" and rows[0][R.N_SAMPLES] == rate * seconds
+    settings = ReadSettings(EXTENSIONS, 1 << 30, {}, segment_seconds=60.0, overlap_seconds=1.0)
+    rows = read(tmp_path, [("long.wav", data)], settings)
+    assert all(r[R.STATUS] == "ok" and r[R.TRACK_SAMPLES] == rate * seconds for r in rows)
+    assert len(rows) == 31 and max(r[R.N_SAMPLES] for r in rows) == 60 * rate
+    assert rows[-1][R.SEGMENT_START] + rows[-1][R.N_SAMPLES] == rate * seconds
+    assert [r[R.SEGMENT] for r in rows] == list(range(31)) and {r[R.SHARD_ITEMS] for r in rows} == {31}
 
 
 # ------------------------------------------------------------------------------ the writer

@@ -21,7 +21,7 @@ from pipeline.stages import rows as R
 from pipeline.stages.protect import ProtectActor
 from pipeline.stages.quality import QualitySettings, quality_batch
 from pipeline.stages.read import ReadSettings, read_shard
-from pipeline.stages.write import ShardWriter, WriteSettings, encode_batch
+from pipeline.stages.write import EncodeSettings, ShardWriter, WriteSettings, encode_batch
 from pipeline.views import get_view
 
 logger = logging.getLogger(__name__)
@@ -136,6 +136,9 @@ def build_dataset(cfg: PipelineConfig, pending: list[ShardRef]) -> Any:
         extensions=tuple(e.lower() for e in cfg.audio.extensions),
         max_member_bytes=int(cfg.audio.max_member_mb * (1 << 20)),
         storage_options=options,
+        lossy_output=cfg.audio.lossy_output,
+        segment_seconds=cfg.audio.segment_seconds,
+        overlap_seconds=cfg.audio.overlap_seconds,
     )
     write_settings = WriteSettings(
         output=cfg.io.output,
@@ -143,6 +146,8 @@ def build_dataset(cfg: PipelineConfig, pending: list[ShardRef]) -> Any:
         on_error=cfg.audio.on_error,
         config_hash=cfg.output_hash(),
         target_delta_e=cfg.attack.target_delta_e,
+        eps=cfg.attack.eps,
+        max_member_bytes=read_settings.max_member_bytes,
     )
     items = [{R.SHARD_ID: s.shard_id, R.SHARD_URL: s.url} for s in pending]
     ds = ray.data.from_items(items, override_num_blocks=max(1, len(items)))
@@ -164,7 +169,13 @@ def build_dataset(cfg: PipelineConfig, pending: list[ShardRef]) -> Any:
         num_cpus=rt.io_cpus,
         batch_format="numpy",
     )
-    ds = ds.map_batches(encode_batch, batch_size=rt.tracks_per_call, num_cpus=rt.io_cpus, batch_format="numpy")
+    ds = ds.map_batches(
+        encode_batch,
+        fn_kwargs={"settings": EncodeSettings(eps=cfg.attack.eps)},
+        batch_size=rt.tracks_per_call,
+        num_cpus=rt.io_cpus,
+        batch_format="numpy",
+    )
     ds = ds.map_batches(
         ShardWriter,
         fn_constructor_kwargs={"settings": write_settings},

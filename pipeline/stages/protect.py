@@ -77,7 +77,9 @@ class ProtectActor:
             try:
                 samples = np.frombuffer(row[R.PCM], dtype=np.float32).reshape(row[R.N_SAMPLES], row[R.CHANNELS])
                 # Read-only view of the row's buffer: the protector never writes to the clean track.
-                tracks.append(Track(row[R.KEY], samples, row[R.SAMPLE_RATE], row[R.OUT_SUBTYPE]))
+                # Segments of one long track draw their δ₀ from distinct seeds.
+                seed_key = row[R.KEY] if int(row.get(R.SEGMENTS) or 1) == 1 else f"{row[R.KEY]}\x00{row[R.SEGMENT]}"
+                tracks.append(Track(seed_key, samples, row[R.SAMPLE_RATE], row[R.OUT_SUBTYPE]))
                 tracked.append(i)
             except (ValueError, TypeError) as exc:
                 row.update({R.STATUS: "error", R.ERROR: f"input: malformed PCM row: {exc}"})

@@ -1,5 +1,6 @@
 """Quality stage (CPU tasks, after the actor): segmental SNR, PESQ and STOI of each protected
-track against its clean original, so the accelerator never waits for them."""
+track against its clean original, so the accelerator never waits for them. The clean PCM travels
+on to the encode stage, which measures the written bytes against it and then drops it."""
 
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ class QualitySettings:
 
 
 def quality_batch(batch: dict[str, Any], settings: QualitySettings) -> dict[str, Any]:
-    """map_batches body: fills segsnr_db / pesq_wb / stoi, then drops the clean PCM."""
+    """map_batches body: fills segsnr_db / pesq_wb / stoi (the clean PCM stays for encode_batch)."""
     rows = R.batch_to_rows(batch)
     for row in rows:
         if row[R.STATUS] == "ok" and row[R.KIND] == R.KIND_SAMPLE and row[R.PCM] and row[R.CLEAN_PCM]:
@@ -34,5 +35,4 @@ def quality_batch(batch: dict[str, Any], settings: QualitySettings) -> dict[str,
                 row["pesq_wb"] = quality.pesq_wb(clean, protected, rate)
             if settings.stoi:
                 row["stoi"] = quality.stoi(clean, protected, rate)
-        row[R.CLEAN_PCM] = b""
     return R.rows_to_batch(rows, list(rows[0].keys()) if rows else list(batch.keys()))

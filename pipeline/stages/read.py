@@ -7,9 +7,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from pipeline.audio import AudioDecodeError, decode, output_format_for
+from pipeline.audio import LOSSY_FORMATS, AudioDecodeError, decode, output_format_for, probe_bitrate_kbps
 from pipeline.shards import SHARD_ERROR_KEY, Sample, read_samples, split_name
 from pipeline.stages import rows as R
+from pipeline.stages.segments import segment_count, track_rows
 
 
 @dataclass(frozen=True)
@@ -19,6 +20,9 @@ class ReadSettings:
     extensions: tuple[str, ...]
     max_member_bytes: int
     storage_options: dict[str, Any]
+    lossy_output: str = "flac"  # flac | same: how MP3/Ogg members are written (audio.lossy_output)
+    segment_seconds: float = float("inf")  # longer tracks become segment rows (audio.segment_seconds)
+    overlap_seconds: float = 1.0  # crossfade between segments (audio.overlap_seconds)
 
 
 _ADDRESS = re.compile(r"<[^<>]* (object )?at 0x[0-9a-fA-F]+>")
@@ -47,6 +51,7 @@ def sample_row(sample: Sample, settings: ReadSettings) -> dict[str, Any]:
         R.OUT_FORMAT: "",
         R.OUT_SUBTYPE: "",
         R.OUT_EXT: "",
+        R.OUT_BITRATE: 0,
     }
     audio = [
         i for i, n in enumerate(sample.names) if split_name(n)[1].rsplit(".", 1)[-1].lower() in settings.extensions
@@ -70,7 +75,10 @@ def sample_row(sample: Sample, settings: ReadSettings) -> dict[str, Any]:
         row.update({R.STATUS: "error", R.ERROR: f"decode: {stable_message(str(exc))}"})
         return row
     ext = split_name(sample.names[index])[1].rsplit(".", 1)[-1]
-    out = output_format_for(decoded.format, decoded.subtype, ext)
+    bitrate = 0
+    if settings.lossy_output == "same" and decoded.format in LOSSY_FORMATS:
+        bitrate = probe_bitrate_kbps(sample.data[index], decoded.duration_s)  # ffprobe; 0: FLAC after all
+    out = output_format_for(decoded.format, decoded.subtype, ext, settings.lossy_output, bitrate)
     row.update(
         {
             R.PCM: decoded.samples.tobytes(),
@@ -80,6 +88,7 @@ def sample_row(sample: Sample, settings: ReadSettings) -> dict[str, Any]:
             R.OUT_FORMAT: out.format,
             R.OUT_SUBTYPE: out.subtype,
             R.OUT_EXT: out.extension,
+            R.OUT_BITRATE: out.bitrate_kbps,
         }
     )
     return row
@@ -101,13 +110,20 @@ def read_shard(shard: dict[str, Any], settings: ReadSettings) -> Iterator[dict[s
                 R.ERROR: stable_message(shard_error),
             }
         )
-    for index, row in enumerate(rows):
-        row.update(
-            {
-                R.SHARD_ID: shard[R.SHARD_ID],
-                R.SHARD_URL: shard[R.SHARD_URL],
-                R.SHARD_ITEMS: len(rows),
-                R.INDEX: index,
-            }
-        )
-        yield row
+    # A long track becomes several rows sharing its INDEX; SHARD_ITEMS counts rows, so the writer
+    # knows when every row of the shard has arrived. Tracks are split one at a time, and each
+    # decoded track is released once its rows are handed on.
+    split = (settings.segment_seconds, settings.overlap_seconds)
+    total = sum(segment_count(row, *split) for row in rows)
+    for index in range(len(rows)):
+        row, rows[index] = rows[index], None
+        for part in track_rows(row, *split):
+            part.update(
+                {
+                    R.SHARD_ID: shard[R.SHARD_ID],
+                    R.SHARD_URL: shard[R.SHARD_URL],
+                    R.SHARD_ITEMS: total,
+                    R.INDEX: index,
+                }
+            )
+            yield part

@@ -12,8 +12,15 @@ KEY, KIND, STATUS, ERROR = "key", "kind", "status", "error"
 MEMBER_NAMES, MEMBER_DATA, AUDIO_MEMBER = "member_names", "member_data", "audio_member"
 PCM, N_SAMPLES, CHANNELS, SAMPLE_RATE = "pcm", "n_samples", "channels", "sample_rate"
 OUT_FORMAT, OUT_SUBTYPE, OUT_EXT = "out_format", "out_subtype", "out_ext"
+OUT_BITRATE = "out_bitrate"  # kbps of a lossy re-encode (audio.lossy_output: same); 0: lossless output
 AUDIO_BYTES = "audio_bytes"
-CLEAN_PCM = "clean_pcm"  # the clean float32 PCM, carried from the actor to the quality stage
+# A long track is several rows (see stages/segments.py); every other row is segment 0 of 1.
+SEGMENT, SEGMENTS, SEGMENT_START, TRACK_SAMPLES = "segment", "segments", "segment_start", "track_samples"
+CLEAN_PCM = "clean_pcm"  # the clean float32 PCM, carried from the actor to the encode stage (then dropped)
+# Filled by the encode stage, which decodes what it wrote and compares it with the clean PCM.
+LOSSY_OUTPUT, LINF_WRITTEN, EPS_BOUND_HOLDS = "lossy_output", "linf_written", "eps_bound_holds"
+DELTA_E_WRITTEN = "delta_e_written"
+WRITTEN = (LOSSY_OUTPUT, LINF_WRITTEN, EPS_BOUND_HOLDS, DELTA_E_WRITTEN)
 STATS = (  # per-item figures filled by the protect and quality stages, copied into the manifest
     "n_windows",
     "delta_e_mean",

@@ -11,11 +11,12 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.audio import AudioEncodeError, OutputFormat, encode
+from pipeline.audio import AudioEncodeError, OutputFormat, check_written, encode
 from pipeline.manifest import commit_shard
 from pipeline.records import ManifestRow, SampleStatus, ShardStats
-from pipeline.shards import UNCOMMITTED_SHARD_ERRORS, OutputFolder, build_tar, split_name
+from pipeline.shards import UNCOMMITTED_SHARD_ERRORS, OutputFolder, build_tar, read_samples, split_name
 from pipeline.stages import rows as R
+from pipeline.stages.segments import assemble, is_segment
 
 logger = logging.getLogger(__name__)
 
@@ -25,20 +26,52 @@ SUMMARY_COLUMNS = ["shard_id", "items", "ok", "error", "delta_e_sum", "audio_sec
 SHARD_FAILED = "shard failed"  # error kind in the stats of a shard that was not committed
 
 
-def encode_batch(batch: dict[str, Any]) -> dict[str, Any]:
-    """map_batches body: protected float32 PCM -> encoded bytes in the output format."""
+@dataclass(frozen=True)
+class EncodeSettings:
+    eps: float  # attack.eps: the bound a lossless output must still hold once written
+
+
+def output_format(row: dict[str, Any]) -> OutputFormat:
+    return OutputFormat(row[R.OUT_FORMAT], row[R.OUT_SUBTYPE], row[R.OUT_EXT], int(row.get(R.OUT_BITRATE) or 0))
+
+
+def encode_row(row: dict[str, Any], eps: float) -> None:
+    """One ok row's protected float32 PCM -> AUDIO_BYTES in its output format, then those bytes
+    decoded again and measured against the clean PCM (when the row carries it): LINF_WRITTEN,
+    EPS_BOUND_HOLDS, LOSSY_OUTPUT, DELTA_E_WRITTEN. A failure makes the row an 'encode:' error."""
+    shape = (row[R.N_SAMPLES], row[R.CHANNELS])
+    samples = np.frombuffer(row[R.PCM], dtype=np.float32).reshape(shape)
+    clean_pcm = row.get(R.CLEAN_PCM) or b""
+    clean = np.frombuffer(clean_pcm, dtype=np.float32).reshape(shape) if clean_pcm else None
+    out = output_format(row)
+    row[R.LOSSY_OUTPUT] = out.lossy
+    try:
+        row[R.AUDIO_BYTES] = encode(samples, row[R.SAMPLE_RATE], out)
+        check = check_written(row[R.AUDIO_BYTES], clean, samples, row[R.SAMPLE_RATE], out, eps)
+    except AudioEncodeError as exc:
+        row.update({R.STATUS: "error", R.ERROR: f"encode: {exc}", R.AUDIO_BYTES: b""})
+        return
+    row[R.LINF_WRITTEN] = check.linf
+    row[R.EPS_BOUND_HOLDS] = check.bound_holds
+    # The actor measured Δe on exactly these samples when they decode back unchanged.
+    row[R.DELTA_E_WRITTEN] = float(row.get("delta_e_mean", float("nan"))) if check.exact else float("nan")
+
+
+def encode_batch(batch: dict[str, Any], settings: EncodeSettings | None = None) -> dict[str, Any]:
+    """map_batches body: protected float32 PCM -> encoded bytes in the output format, measured
+    again after decoding (see encode_row); drops the float32 PCM and the clean PCM."""
+    eps = settings.eps if settings is not None else float("nan")  # NaN: the bound is never claimed
     rows = R.batch_to_rows(batch)
     for row in rows:
-        row[R.AUDIO_BYTES] = b""
+        row.update({R.AUDIO_BYTES: b"", R.LOSSY_OUTPUT: False, R.EPS_BOUND_HOLDS: False})
+        row.update({R.LINF_WRITTEN: float("nan"), R.DELTA_E_WRITTEN: float("nan")})
+        if is_segment(row):
+            continue  # one part of a long track: the writer assembles, then encodes it (encode_row)
         if row[R.STATUS] == "ok" and row[R.KIND] == R.KIND_SAMPLE:
-            samples = np.frombuffer(row[R.PCM], dtype=np.float32).reshape(row[R.N_SAMPLES], row[R.CHANNELS])
-            out = OutputFormat(row[R.OUT_FORMAT], row[R.OUT_SUBTYPE], row[R.OUT_EXT])
-            try:
-                row[R.AUDIO_BYTES] = encode(samples, row[R.SAMPLE_RATE], out)
-            except AudioEncodeError as exc:
-                row.update({R.STATUS: "error", R.ERROR: f"encode: {exc}"})
+            encode_row(row, eps)
         row[R.PCM] = b""
-    columns = list(rows[0].keys()) if rows else [*batch.keys(), R.AUDIO_BYTES]
+        row[R.CLEAN_PCM] = b""
+    columns = list(rows[0].keys()) if rows else list(dict.fromkeys([*batch.keys(), R.AUDIO_BYTES, *R.WRITTEN]))
     return R.rows_to_batch(rows, columns)
 
 
@@ -49,6 +82,8 @@ class WriteSettings:
     on_error: str  # passthrough | drop
     config_hash: str
     target_delta_e: float
+    eps: float = float("nan")  # attack.eps: the bound checked on assembled long tracks (NaN: never claimed)
+    max_member_bytes: int = 1 << 30  # for fetching a failed long track's original bytes again
 
 
 def shard_outputs(
@@ -84,7 +119,11 @@ def shard_outputs(
             entry.delta_e_by_encoder = json.loads(row.get(R.DELTA_E_BY_ENCODER) or "{}")
             key, _ = split_name(names[audio])
             entry.output_member = f"{key}.{_replace_last(split_name(names[audio])[1], row[R.OUT_EXT])}"
-            entry.output_format = f"{row[R.OUT_FORMAT]}/{row[R.OUT_SUBTYPE]}"
+            entry.output_format = output_format(row).label
+            entry.lossy_output = bool(row.get(R.LOSSY_OUTPUT, False))
+            entry.linf_written = float(row.get(R.LINF_WRITTEN, float("nan")))
+            entry.eps_bound_holds = bool(row.get(R.EPS_BOUND_HOLDS, False))
+            entry.delta_e_written = float(row.get(R.DELTA_E_WRITTEN, float("nan")))
             entry.written = True
             members.extend(
                 (entry.output_member, row[R.AUDIO_BYTES]) if i == audio else (n, d)
@@ -124,6 +163,8 @@ class ShardWriter:
         self.settings = settings
         self.out = OutputFolder(settings.output, settings.storage_options)
         self.pending: dict[str, list[dict[str, Any]]] = {}
+        self.received: dict[str, int] = {}  # rows of each shard seen so far (segments count one each)
+        self.segments: dict[tuple[str, int], list[dict[str, Any]]] = {}  # (shard, index) -> parts
         self.started: dict[str, float] = {}
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
@@ -132,10 +173,52 @@ class ShardWriter:
             shard_id = row[R.SHARD_ID]
             self.started.setdefault(shard_id, time.perf_counter())
             bucket = self.pending.setdefault(shard_id, [])
-            bucket.append(row)
-            if len(bucket) == row[R.SHARD_ITEMS]:
+            self.received[shard_id] = self.received.get(shard_id, 0) + 1
+            if is_segment(row):
+                parts = self.segments.setdefault((shard_id, row[R.INDEX]), [])
+                parts.append(row)
+                if len(parts) == row[R.SEGMENTS]:
+                    bucket.append(self._assemble(self.segments.pop((shard_id, row[R.INDEX]))))
+            else:
+                bucket.append(row)
+            if self.received[shard_id] == row[R.SHARD_ITEMS]:
+                del self.received[shard_id]
                 summaries.append(self._commit(shard_id, self.pending.pop(shard_id)))
         return {c: [s[c] for s in summaries] for c in SUMMARY_COLUMNS}
+
+    def _assemble(self, parts: list[dict[str, Any]]) -> dict[str, Any]:
+        """The segment rows of one long track -> one encoded track row (as encode_batch makes).
+        A failed track gets its original audio bytes back from the input shard, for passthrough."""
+        try:
+            row = assemble(parts, self.settings.eps)
+        except Exception as exc:  # a track that cannot be put together fails alone
+            row = {**parts[0], R.STATUS: "error", R.ERROR: f"assemble: {type(exc).__name__}: {exc}"}
+        parts.clear()
+        row.update({R.AUDIO_BYTES: b"", R.LOSSY_OUTPUT: False, R.EPS_BOUND_HOLDS: False})
+        row.update({R.LINF_WRITTEN: float("nan"), R.DELTA_E_WRITTEN: float("nan")})
+        if row[R.STATUS] == "ok":
+            encode_row(row, self.settings.eps)
+        row[R.PCM] = row[R.CLEAN_PCM] = b""
+        if row[R.STATUS] != "ok" and self.settings.on_error == "passthrough":
+            self._restore_original_members(row)
+        return row
+
+    def _restore_original_members(self, row: dict[str, Any]) -> None:
+        """Put the item's original member bytes back, read again from the input shard (segment
+        rows carry the long audio member's bytes nowhere, to keep it out of the actors' memory).
+        If the shard no longer holds them, only the other members pass through, and the error says so."""
+        samples, problem = read_samples(row[R.SHARD_URL], self.settings.storage_options, self.settings.max_member_bytes)
+        names = list(row[R.MEMBER_NAMES])
+        matches = [s for s in samples if s.key == row[R.KEY] and list(s.names) == names and not s.error]
+        if matches:
+            row[R.MEMBER_DATA] = [bytes(d) for d in matches[0].data]
+            return
+        audio = row[R.AUDIO_MEMBER]
+        why = problem or "member not found"
+        row[R.ERROR] += f"; the original audio could not be read again ({why}), so it is left out"
+        row[R.MEMBER_NAMES] = [n for i, n in enumerate(names) if i != audio]
+        row[R.MEMBER_DATA] = [d for i, d in enumerate(row[R.MEMBER_DATA]) if i != audio]
+        row[R.AUDIO_MEMBER] = -1
 
     def _commit(self, shard_id: str, rows: list[dict[str, Any]]) -> dict[str, Any]:
         started = self.started.pop(shard_id)
