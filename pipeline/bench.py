@@ -7,7 +7,9 @@
    written shards and manifests, as an efficiency against the engine;
 4. peak RSS of a process that protects a short vs a long track with :class:`TrackProtector`;
 5. on a CUDA device: HTSAT-base, 50 bf16 steps, windows/s, × realtime and achieved TFLOP/s against a
-   measured bf16 matmul ceiling.
+   measured bf16 matmul ceiling;
+6. an encoder ensemble (1, 2, 3 random HTSAT-tiny encoders, TrackProtector's embed and mean distance):
+   seconds per PGD step per window and the peak memory increase, each size in its own process.
 
 Early stop is disabled (target_delta_e = inf) so every window runs exactly ``--steps`` steps. Times
 are medians of ``--repeats`` runs after ``--warmup`` runs. Ratios (speedup, efficiency, memory) are
@@ -52,7 +54,7 @@ EPS, ALPHA, SIGMA = 0.003, 0.0006, 0.00075
 HTSAT_BASE_GFLOP_FORWARD = 33.0
 HTSAT_BASE_GFLOP_STEP = 99.0
 GPU_NOT_AVAILABLE = "GPU: not available on this machine (unmeasured)"
-PARTS = ("engine", "baseline", "pipeline", "memory", "gpu")
+PARTS = ("engine", "baseline", "pipeline", "memory", "gpu", "ensemble")
 
 QUICK = {
     "amodels": ["HTSAT-tiny"],
@@ -65,6 +67,8 @@ QUICK = {
     "warmup": 1,
     "gpu_batch_sizes": [1, 4],
     "gpu_steps": 5,
+    "ensemble_batch": 1,
+    "ensemble_steps": 2,
 }
 FULL = {
     "amodels": ["HTSAT-tiny", "HTSAT-base"],
@@ -77,6 +81,8 @@ FULL = {
     "warmup": 1,
     "gpu_batch_sizes": [8, 16, 32, 64],
     "gpu_steps": 50,
+    "ensemble_batch": 2,
+    "ensemble_steps": 3,
 }
 
 
@@ -179,17 +185,18 @@ class PipelineResult:
 
 @dataclass
 class MemoryResult:
-    """Peak RSS of a fresh process that protects one mono 44.1 kHz track with TrackProtector."""
+    """Peak RSS of a fresh process that runs ProtectActor on the rows of one mono 44.1 kHz track."""
 
     track_seconds: float
     windows: int
-    rss_before_mib: float  # after imports, encoder and the track are in memory
+    rss_before_mib: float  # after imports and the encoder; the track's rows are parked on disk
     peak_mib: float  # VmHWM of the whole process
     protect_seconds: float
     amodel: str = ""
     steps: int = 0
     batch: int = 0
     precision: str = "fp32"
+    segments: int = 1  # rows the read stage made of the track (audio.segment_seconds)
 
     @property
     def protect_increase_mib(self) -> float:
@@ -223,6 +230,35 @@ class GpuResult:
 
 
 @dataclass
+class EnsembleResult:
+    """PGD against an ensemble of `encoders` frozen encoders (`random:<amodel>:0..k-1`) through
+    TrackProtector's embed ([b, k, D]) and its mean distance, in a fresh process of its own.
+
+    Each PGD step is timed on its own (from one gradient forward's start to the next forward's start:
+    forward + backward through every encoder + the update), ÷ batch: `seconds_per_step_window` is
+    the median over all steps of the timed calls, `min_seconds_per_step_window` the fastest. Memory
+    is peak RSS (CPU) or torch.cuda.max_memory_allocated (CUDA) over the calls, minus the figure
+    before them (encoders loaded, batch built)."""
+
+    encoders: int
+    amodel: str
+    precision: str
+    batch: int
+    steps: int
+    seconds: float  # median per pgd call (clean forward + steps + scoring forward)
+    seconds_per_step_window: float  # median over the timed steps
+    min_seconds_per_step_window: float
+    loaded_mib: float  # RSS (CPU) / allocated (CUDA) once the encoders are loaded
+    before_mib: float  # the same just before the timed calls
+    peak_mib: float
+    memory_kind: str = "RSS"  # RSS | CUDA allocated
+    repeats: int = 0
+    ratio_vs_one: float = float("nan")  # seconds_per_step_window ÷ that of one encoder
+    peak_increase_mib: float = float("nan")  # peak − before
+    increase_ratio_vs_one: float = float("nan")  # peak_increase_mib ÷ that of one encoder
+
+
+@dataclass
 class BenchSettings:
     amodels: list[str]
     steps: int
@@ -241,6 +277,11 @@ class BenchSettings:
     memory_steps: int = 1
     gpu_batch_sizes: list[int] = field(default_factory=lambda: [8, 16, 32, 64])
     gpu_steps: int = 50
+    ensemble_sizes: list[int] = field(default_factory=lambda: [1, 2, 3])
+    ensemble_batch: int = 2
+    ensemble_steps: int = 3
+    ensemble_amodel: str = "HTSAT-tiny"
+    ensemble_precision: str = "fp32"
     parts: list[str] = field(default_factory=lambda: list(PARTS))
     wait_idle: float = 0.0  # seconds to wait for other work on the machine to finish first
 
@@ -257,6 +298,7 @@ class BenchReport:
     pipeline: list[PipelineResult] = field(default_factory=list)
     memory: list[MemoryResult] = field(default_factory=list)
     gpu: list[GpuResult] = field(default_factory=list)
+    ensemble: list[EnsembleResult] = field(default_factory=list)
     gpu_note: str = GPU_NOT_AVAILABLE
     contention: list[Contention] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
@@ -698,33 +740,79 @@ def bench_pipeline(
 
 
 def memory_child(spec: dict[str, Any]) -> dict[str, Any]:
-    """Inside a fresh process: protect one mono 44.1 kHz track of spec['seconds'] and report RSS."""
+    """Inside a fresh process: what a protect actor holds for one mono 44.1 kHz track of
+    spec['seconds']. The track goes through the read stage's own code (FLAC bytes -> decoded row
+    -> segment rows of `audio.segment_seconds`); the rows' PCM is parked on disk (in a run it
+    waits in Ray's object store, not in the actor); the peak-RSS mark is reset
+    (/proc/self/clear_refs); then `ProtectActor` handles the rows in calls of
+    `runtime.tracks_per_call`, as Ray hands them over. Peak RSS is then the actor's own."""
+    import gc
+    import tempfile
+
     import numpy as np
-    import torch
 
+    from pipeline.audio import OutputFormat, encode
+    from pipeline.config import config_from_dict
     from pipeline.demo import synthesize
-    from pipeline.encoder import load_encoder
-    from pipeline.protect import Track, TrackProtector
+    from pipeline.shards import Sample
+    from pipeline.stages import rows as R
+    from pipeline.stages.protect import ProtectActor
+    from pipeline.stages.read import ReadSettings, sample_row
+    from pipeline.stages.segments import track_rows
 
-    torch.set_num_threads(int(spec.get("threads") or os.cpu_count() or 1))
-    loaded = load_encoder(f"random:{spec['amodel']}:0", device=spec.get("device", "cpu"))
+    threads = int(spec.get("threads") or os.cpu_count() or 1)
+    cfg = config_from_dict(
+        {
+            "encoder": {"checkpoint": f"random:{spec['amodel']}:0", "device": spec.get("device", "cpu")},
+            "attack": {
+                "eps": EPS,
+                "alpha": ALPHA,
+                "sigma": SIGMA,
+                "steps": int(spec["steps"]),
+                "precision": spec["precision"],
+                "target_delta_e": 1e9,  # early stop off
+            },
+            "audio": {"window_seconds": WINDOW_SECONDS, "overlap_seconds": 1.0},
+            "runtime": {"batch_windows": int(spec["batch"]), "torch_threads": threads},
+        }
+    )
     n = round(float(spec["seconds"]) * TRACK_RATE)
     clip = synthesize(WINDOW_SECONDS, TRACK_RATE, 1, 120, 220.0, 0)[:, 0]
-    samples = np.resize(clip, n).astype(np.float32, copy=False).reshape(n, 1)  # tiled, no float64 copy
-    del clip
-    protector = TrackProtector(
-        loaded, attack_params(int(spec["steps"]), spec["precision"]), batch_windows=int(spec["batch"]), seed=0
-    )
-    windows = len(protector.plan(n, TRACK_RATE).starts)
+    track = np.resize(clip, n).astype(np.float32).reshape(n, 1)
+    flac = encode(track, TRACK_RATE, OutputFormat("FLAC", "PCM_16", "flac"))
+    del track
+    settings = ReadSettings(extensions=("flac",), max_member_bytes=1 << 31, storage_options={})
+    row = sample_row(Sample(key="memory", names=["memory.flac"], data=[flac]), settings)
+    del flac, clip
+    rows = track_rows(row, cfg.audio.segment_seconds, cfg.audio.overlap_seconds)
+    del row
+    parked = tempfile.TemporaryDirectory(prefix="bench-memory-")
+    for i, r in enumerate(rows):
+        path = Path(parked.name) / f"{i}.pcm"
+        path.write_bytes(r[R.PCM])
+        r[R.PCM] = str(path)
+    gc.collect()
+    _release_free_memory()
+    actor = ProtectActor(cfg)
     rss_before = proc_status_kib("VmRSS")
+    _reset_peak_rss()
     started = time.perf_counter()
-    [result] = protector.protect([Track("memory", samples, TRACK_RATE, "PCM_16")])
+    windows = 0
+    per_call = cfg.runtime.tracks_per_call
+    for begin in range(0, len(rows), per_call):
+        call = [{**r, R.PCM: Path(r[R.PCM]).read_bytes()} for r in rows[begin : begin + per_call]]
+        out = actor(R.rows_to_batch(call, list(call[0])))
+        del call
+        if any(status != "ok" for status in out[R.STATUS]):
+            raise RuntimeError(f"memory benchmark: protect failed: {out[R.ERROR]}")
+        windows += int(sum(out["n_windows"]))
+        del out
     seconds = time.perf_counter() - started
-    if result.error:
-        raise RuntimeError(f"memory benchmark: protect failed: {result.error}")
+    parked.cleanup()
     return {
         "track_seconds": float(spec["seconds"]),
         "windows": windows,
+        "segments": len(rows),
         "rss_before_mib": rss_before / 1024,
         "peak_mib": proc_status_kib("VmHWM") / 1024,
         "protect_seconds": seconds,
@@ -733,6 +821,23 @@ def memory_child(spec: dict[str, Any]) -> dict[str, Any]:
         "batch": int(spec["batch"]),
         "precision": spec["precision"],
     }
+
+
+def _release_free_memory() -> None:
+    """Give freed heap pages back to the OS (glibc), so that RSS reflects live data only."""
+    import contextlib
+    import ctypes
+
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+def _reset_peak_rss() -> None:
+    """Reset VmHWM to the current RSS (Linux ≥ 4.0: writing 5 to /proc/self/clear_refs)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        log("memory: cannot reset the peak-RSS mark; peaks include the track's preparation")
 
 
 def bench_memory(
@@ -832,6 +937,145 @@ def bench_gpu(batch_sizes: Sequence[int], steps: int = 50, *, repeats: int = 3, 
 
 
 # --------------------------------------------------------------------------------------------
+# 6. Ensemble
+
+
+def ensemble_child(spec: dict[str, Any]) -> dict[str, Any]:
+    """Inside a fresh process: time `pgd` against spec['encoders'] encoders at once, as
+    TrackProtector runs an ensemble (its `_embed_fn` -> [b, k, D], its mean `distance`), on an
+    in-memory batch of 10 s 48 kHz mono windows; report the median call time, the time of each PGD
+    step and the memory the calls add on top of the loaded encoders."""
+    import gc
+
+    import torch
+
+    from pipeline.encoder import load_encoder
+    from pipeline.engine import pgd
+    from pipeline.protect import TrackProtector
+
+    torch.set_num_threads(int(spec.get("threads") or os.cpu_count() or 1))
+    k, batch, steps = int(spec["encoders"]), int(spec["batch"]), int(spec["steps"])
+    repeats, warmup = int(spec.get("repeats", 3)), int(spec.get("warmup", 1))
+    device = spec.get("device", "cpu")
+    encoders = [load_encoder(f"random:{spec['amodel']}:{i}", device=device) for i in range(k)]
+    dev = encoders[0].device
+    cuda = dev.type == "cuda"
+
+    def mib() -> float:
+        return torch.cuda.memory_allocated(dev) / (1 << 20) if cuda else proc_status_kib("VmRSS") / 1024
+
+    loaded = mib()
+    protector = TrackProtector(
+        encoders,
+        attack_params(steps, spec["precision"]),
+        batch_windows=batch,
+        ensemble="mean",
+        measure_musicldm=False,
+        measure_masking=False,
+    )
+    x = torch.stack([clip_48k(i) for i in range(batch)])[:, None, :].to(dev)  # [B, 1, 480000]
+    lengths = torch.full((batch,), CLAP_SAMPLES, device=dev)
+    ensemble_embed = protector._embed_fn(CLAP_RATE, lengths, ("clean48k",), random=True)
+    sync = _sync_for(dev)
+    marks: list[tuple[float, bool]] = []  # (time, a gradient step's forward?) per embed call
+
+    def embed(x_rows: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        if sync:
+            sync()
+        marks.append((time.perf_counter(), x_rows.requires_grad))
+        return ensemble_embed(x_rows, rows)
+
+    params = attack_params(steps, spec["precision"])
+
+    def call() -> Any:
+        return pgd(embed, x, params, generator=torch.Generator().manual_seed(0), distance=protector.distance)
+
+    gc.collect()
+    _release_free_memory()
+    before = mib()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(dev)
+    else:
+        _reset_peak_rss()
+    for _ in range(warmup):
+        call()
+    marks.clear()
+    seconds = median_seconds(call, repeats, 0, sync)
+    # A step runs from its forward's start to the next embed call's (the next step or the scoring forward).
+    step_seconds = [marks[i + 1][0] - t for i, (t, grad) in enumerate(marks[:-1]) if grad]
+    peak = torch.cuda.max_memory_allocated(dev) / (1 << 20) if cuda else proc_status_kib("VmHWM") / 1024
+    return {
+        "encoders": k,
+        "amodel": spec["amodel"],
+        "precision": spec["precision"],
+        "batch": batch,
+        "steps": steps,
+        "seconds": seconds,
+        "seconds_per_step_window": statistics.median(step_seconds) / batch,
+        "min_seconds_per_step_window": min(step_seconds) / batch,
+        "loaded_mib": loaded,
+        "before_mib": before,
+        "peak_mib": peak,
+        "memory_kind": "CUDA allocated" if cuda else "RSS",
+        "repeats": repeats,
+        "peak_increase_mib": peak - before,
+    }
+
+
+def bench_ensemble(
+    sizes: Sequence[int],
+    *,
+    amodel: str = "HTSAT-tiny",
+    steps: int = 3,
+    batch: int = 2,
+    precision: str = "fp32",
+    device: str = "cpu",
+    threads: int = 0,
+    repeats: int = 3,
+    warmup: int = 1,
+    meter: list[Contention] | None = None,
+) -> list[EnsembleResult]:
+    """Run :func:`ensemble_child` in a subprocess per ensemble size; ratios against the first size."""
+    results: list[EnsembleResult] = []
+    for k in sizes:
+        spec = {
+            "encoders": k,
+            "amodel": amodel,
+            "steps": steps,
+            "batch": batch,
+            "precision": precision,
+            "device": device,
+            "threads": threads,
+            "repeats": repeats,
+            "warmup": warmup,
+        }
+        env = dict(os.environ, HF_HUB_OFFLINE="1")
+        with cpu_meter(f"ensemble k={k}", meter if meter is not None else []):
+            proc = subprocess.run(
+                [sys.executable, "-m", "pipeline.bench", "--ensemble-child", json.dumps(spec)],
+                capture_output=True,
+                text=True,
+                env=env,
+                check=False,
+            )
+        lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+        if proc.returncode != 0 or not lines:
+            raise RuntimeError(f"ensemble child failed (rc {proc.returncode}): {proc.stderr[-2000:]}")
+        result = EnsembleResult(**json.loads(lines[-1]))
+        first = results[0] if results else result
+        if first.seconds_per_step_window > 0:
+            result.ratio_vs_one = result.seconds_per_step_window / first.seconds_per_step_window
+        if first.peak_increase_mib > 0:
+            result.increase_ratio_vs_one = result.peak_increase_mib / first.peak_increase_mib
+        results.append(result)
+        log(
+            f"ensemble k={k}: {result.seconds:.2f} s/call, {result.seconds_per_step_window:.3f} s per step per window "
+            f"(×{result.ratio_vs_one:.2f}), peak +{result.peak_increase_mib:.0f} MiB {result.memory_kind}"
+        )
+    return results
+
+
+# --------------------------------------------------------------------------------------------
 # The run
 
 
@@ -897,6 +1141,19 @@ def run_benchmark(settings: BenchSettings, command: str = "") -> BenchReport:
                     threads=threads,
                 )
             )
+    if "ensemble" in parts:
+        report.ensemble = bench_ensemble(
+            settings.ensemble_sizes,
+            amodel=settings.ensemble_amodel,
+            steps=settings.ensemble_steps,
+            batch=settings.ensemble_batch,
+            precision=settings.ensemble_precision,
+            device=device,
+            threads=threads,
+            repeats=settings.repeats,
+            warmup=settings.warmup,
+            meter=meter,
+        )
     if "gpu" in parts:
         if torch.cuda.is_available():
             report.gpu = bench_gpu(
@@ -1092,7 +1349,8 @@ def render_tables(report: BenchReport) -> str:
     if report.memory:
         m0 = report.memory[0]
         out.append(
-            f"\n### Memory (peak RSS of a fresh process; `TrackProtector`, mono 44.1 kHz, {m0.amodel}, "
+            f"\n### Memory (peak RSS of a protect actor; `ProtectActor` on the read stage's rows, mono 44.1 kHz, "
+            f"{m0.amodel}, "
             f"{m0.steps} step(s), batch {m0.batch}, {m0.precision})\n"
         )
         rows = []
@@ -1100,6 +1358,7 @@ def render_tables(report: BenchReport) -> str:
             rows.append(
                 [
                     _minutes(m.track_seconds),
+                    m.segments,
                     m.windows,
                     f"{m.rss_before_mib:.0f}",
                     f"{m.peak_mib:.0f}",
@@ -1112,6 +1371,7 @@ def render_tables(report: BenchReport) -> str:
             _table(
                 [
                     "track",
+                    "rows (segments)",
                     "windows",
                     "RSS before protect (MiB)",
                     "peak RSS (MiB)",
@@ -1131,11 +1391,12 @@ def render_tables(report: BenchReport) -> str:
         )
         if ratio > 1.2:
             out.append(
-                "The current design holds the whole track in memory (decoded float32 samples, "
-                "every window's δ "
-                "until the blend, the blended δ, quantisation in float64, the SNR arrays), so peak RSS grows "
-                "linearly with track length."
+                "The actor holds `runtime.tracks_per_call` rows of at most `audio.segment_seconds` each "
+                "(their PCM, every window's δ until the blend, quantisation temporaries); check those "
+                "settings against the tracks' lengths."
             )
+    if report.ensemble:
+        out.append(render_ensemble(report.ensemble))
     if report.contention:
         out.append("\n### CPU contention during each section\n")
         rows = [
@@ -1196,6 +1457,52 @@ def render_tables(report: BenchReport) -> str:
     return "\n".join(out)
 
 
+def render_ensemble(results: Sequence[EnsembleResult]) -> str:
+    """The table "Ensemble: time per PGD step" (one row per ensemble size)."""
+    e0 = results[0]
+    out = [
+        f"\n### Ensemble: time per PGD step ({e0.amodel} × k, random seeds 0..k−1, TrackProtector embed + mean "
+        f"distance, in-memory 48 kHz mono windows, batch {e0.batch}, {e0.steps} steps, {e0.precision}, "
+        f"{e0.repeats} repeats)\n"
+    ]
+    rows = [
+        [
+            e.encoders,
+            _f(e.seconds),
+            _f(e.seconds_per_step_window, 3),
+            _f(e.min_seconds_per_step_window, 3),
+            f"{_f(e.ratio_vs_one)}×",
+            f"{e.loaded_mib:.0f}",
+            f"{e.peak_increase_mib:.0f}",
+            f"{_f(e.increase_ratio_vs_one)}×",
+        ]
+        for e in results
+    ]
+    out.append(
+        _table(
+            [
+                "encoders",
+                "s / call",
+                "s per PGD step per window (median)",
+                "(fastest step)",
+                f"vs {e0.encoders}",
+                f"{e0.memory_kind} with encoders loaded (MiB)",
+                f"peak {e0.memory_kind} increase (MiB)",
+                f"vs {e0.encoders}",
+            ],
+            rows,
+        )
+    )
+    out.append(
+        "\nA call = clean forward + steps × (forward + backward w.r.t. δ through every encoder) + scoring "
+        "forward. Each step is timed on its own (its forward's start → the next forward's start) and "
+        "divided by the batch; the median over all timed steps is compared with one encoder. Each size "
+        "runs in its own process (`--ensemble-child`); the increase is the peak during the calls "
+        "(warm-up included) minus the figure just before them (encoders and batch already in memory)."
+    )
+    return "\n".join(out)
+
+
 def _minutes(seconds: float) -> str:
     return f"{seconds / 60:g} min"
 
@@ -1238,7 +1545,7 @@ def render_markdown(report: BenchReport) -> str:
         "- `python -m pipeline.bench --quick` (< 3 min on 2 cores: HTSAT-tiny, 2 steps, batch 1–2, a 2-track "
         "pipeline, 1 vs 3 min memory case) prints these tables; `--out FILE` writes this page; `--json FILE` "
         "keeps the raw numbers. The full run is `python -m pipeline.bench --out docs/benchmarks.md`.",
-        "- `--parts engine,baseline,pipeline,memory,gpu` picks sections; `--compile` adds `torch.compile`d "
+        "- `--parts engine,baseline,pipeline,memory,gpu,ensemble` picks sections; `--compile` adds `torch.compile`d "
         "engine rows (on CPU it costs minutes to compile for ≤ 10 % speed).",
         "- Engine: `pgd` with the frozen laion-clap HTSAT audio tower (`load_encoder`) behind "
         "`ClapView(48000)`; bf16 is autocast over the transformer body with the STFT/log-mel front end kept "
@@ -1247,9 +1554,14 @@ def render_markdown(report: BenchReport) -> str:
         "`eval()`, weights left trainable, `get_audio_embedding([{'waveform': w}])` per window, "
         "`loss = ‖e(x+δ) − e(x)‖`, `loss.backward()`, sign step, the same clean and scoring forwards as "
         "`pgd`.",
-        "- Memory: each case runs in its own process (`--memory-child`), reading `VmHWM` from "
-        "`/proc/self/status`; the track is a 10 s clip tiled in float32 so that synthesising it "
-        "adds nothing.",
+        "- Memory: each case runs in its own process (`--memory-child`). The track (a 10 s clip tiled) "
+        "is encoded as FLAC and goes through the read stage's code into rows (segments of "
+        "`audio.segment_seconds` for a long track); their PCM is parked on disk, the peak mark is "
+        "reset (`/proc/self/clear_refs`), and `ProtectActor` takes the rows `runtime.tracks_per_call` "
+        "at a time. Peak = `VmHWM` from `/proc/self/status`: the actor's own memory.",
+        "- Ensemble: `pgd` with `TrackProtector([random:<amodel>:0, …, random:<amodel>:k−1], "
+        "ensemble='mean')`'s embed and distance, k = `--ensemble-sizes` (default 1,2,3), batch "
+        "`--ensemble-batch`, `--ensemble-steps` steps, each k in its own process (`--ensemble-child`).",
         "",
     ]
     return "\n".join(parts)
@@ -1297,6 +1609,9 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--memory-steps", type=int, default=1, help="PGD steps in the memory case (default 1)")
     p.add_argument("--gpu-batch-sizes", type=_csv(int), help="GPU sweep (default 8,16,32,64)")
     p.add_argument("--gpu-steps", type=int, help="GPU PGD steps (default 50)")
+    p.add_argument("--ensemble-sizes", type=_csv(int), help="encoders per ensemble (default 1,2,3)")
+    p.add_argument("--ensemble-batch", type=int, help="windows per batch in the ensemble part (default 2; quick 1)")
+    p.add_argument("--ensemble-steps", type=int, help="PGD steps in the ensemble part (default 3; quick 2)")
     p.add_argument("--parts", type=_csv(str), default=list(PARTS), help="sections to run (default all)")
     p.add_argument(
         "--wait-idle",
@@ -1305,6 +1620,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         help="first wait up to this many seconds for other work on the machine to finish (default 0)",
     )
     p.add_argument("--memory-child", help=argparse.SUPPRESS)
+    p.add_argument("--ensemble-child", help=argparse.SUPPRESS)
     return p
 
 
@@ -1333,6 +1649,9 @@ def settings_from_args(args: argparse.Namespace) -> BenchSettings:
         memory_steps=args.memory_steps,
         gpu_batch_sizes=pick("gpu_batch_sizes"),
         gpu_steps=pick("gpu_steps"),
+        ensemble_sizes=args.ensemble_sizes or [1, 2, 3],
+        ensemble_batch=pick("ensemble_batch"),
+        ensemble_steps=pick("ensemble_steps"),
         parts=args.parts,
         wait_idle=args.wait_idle,
     )
@@ -1344,6 +1663,8 @@ def settings_from_args(args: argparse.Namespace) -> BenchSettings:
             f"(known {', '.join(PARTS)}), "
             "steps ≥ 0, batch sizes ≥ 1, pipeline tracks ≥ 1"
         )
+    if min(settings.ensemble_sizes) < 1 or settings.ensemble_batch < 1 or settings.ensemble_steps < 1:
+        raise ValueError("invalid settings: ensemble sizes, batch and steps must be ≥ 1")
     return settings
 
 
@@ -1355,6 +1676,12 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     if args.memory_child:
         print(json.dumps(memory_child(json.loads(args.memory_child))), flush=True)
+        return 0
+    if args.ensemble_child:
+        import logging
+
+        logging.getLogger("pipeline.encoder").setLevel(logging.ERROR)
+        print(json.dumps(ensemble_child(json.loads(args.ensemble_child))), flush=True)
         return 0
     import logging
 
