@@ -2,8 +2,8 @@
 step). Every key is accounted for, and neither the driver's nor the protect actor's memory keeps
 growing across the run. Prints items/s and peak RSS.
 
-Marked `soak`, not `slow`: it needs ~10+ minutes of an otherwise idle 2-core machine, so `.ci/run`
-does not run it yet. Run it with `pytest -m soak -s`."""
+Marked `soak`, not `slow`: it needs ~15 minutes of an otherwise idle 2-core machine; `.ci/run` runs
+it last (`pytest -m soak -s`)."""
 
 from __future__ import annotations
 
