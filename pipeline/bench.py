@@ -739,6 +739,23 @@ def bench_pipeline(
 # 4. Memory
 
 
+def run_child(flag: str, spec: dict[str, Any]) -> dict[str, Any]:
+    """Run `python -m pipeline.bench <flag> <spec>` in a fresh process (its own peak RSS) and
+    return the JSON object it prints last."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    proc = subprocess.run(
+        [sys.executable, "-m", "pipeline.bench", flag, json.dumps(spec)],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=False,
+    )
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        raise RuntimeError(f"{flag.strip('-')} failed (rc {proc.returncode}): {proc.stderr[-2000:]}")
+    return json.loads(lines[-1])
+
+
 def memory_child(spec: dict[str, Any]) -> dict[str, Any]:
     """Inside a fresh process: what a protect actor holds for one mono 44.1 kHz track of
     spec['seconds']. The track goes through the read stage's own code (FLAC bytes -> decoded row
@@ -860,18 +877,7 @@ def bench_memory(
         "device": device,
         "threads": threads,
     }
-    env = dict(os.environ, HF_HUB_OFFLINE="1")
-    proc = subprocess.run(
-        [sys.executable, "-m", "pipeline.bench", "--memory-child", json.dumps(spec)],
-        capture_output=True,
-        text=True,
-        env=env,
-        check=False,
-    )
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
-    if proc.returncode != 0 or not lines:
-        raise RuntimeError(f"memory child failed (rc {proc.returncode}): {proc.stderr[-2000:]}")
-    result = MemoryResult(**json.loads(lines[-1]))
+    result = MemoryResult(**run_child("--memory-child", spec))
     log(
         f"memory {seconds / 60:.0f} min: {result.windows} windows, peak {result.peak_mib:.0f} MiB "
         f"(before protect {result.rss_before_mib:.0f} MiB), {result.protect_seconds:.1f} s"
@@ -1049,19 +1055,8 @@ def bench_ensemble(
             "repeats": repeats,
             "warmup": warmup,
         }
-        env = dict(os.environ, HF_HUB_OFFLINE="1")
         with cpu_meter(f"ensemble k={k}", meter if meter is not None else []):
-            proc = subprocess.run(
-                [sys.executable, "-m", "pipeline.bench", "--ensemble-child", json.dumps(spec)],
-                capture_output=True,
-                text=True,
-                env=env,
-                check=False,
-            )
-        lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
-        if proc.returncode != 0 or not lines:
-            raise RuntimeError(f"ensemble child failed (rc {proc.returncode}): {proc.stderr[-2000:]}")
-        result = EnsembleResult(**json.loads(lines[-1]))
+            result = EnsembleResult(**run_child("--ensemble-child", spec))
         first = results[0] if results else result
         if first.seconds_per_step_window > 0:
             result.ratio_vs_one = result.seconds_per_step_window / first.seconds_per_step_window
