@@ -4,14 +4,16 @@
    precision (fp32 / bf16 autocast) and optionally with ``torch.compile``;
 2. laion-clap's own audio path in a naive per-item fp32 loop (weights not frozen), the baseline;
 3. the real Ray Data pipeline (:func:`pipeline.stages.pipeline.run`) from tar shards on disk to
-   written shards and manifests, as an efficiency against the engine;
+   written shards and manifests, as an efficiency against an engine reference timed in the same
+   section at the same steps (``--pipeline-steps``, default 50), batch, precision and torch threads,
+   with the actor on dedicated cores (CPU stages on the rest) and, on CPU, sharing all cores;
 4. peak RSS of a process that protects a short vs a long track with :class:`TrackProtector`;
 5. on a CUDA device: HTSAT-base, 50 bf16 steps, windows/s, × realtime and achieved TFLOP/s against a
    measured bf16 matmul ceiling;
 6. an encoder ensemble (1, 2, 3 random HTSAT-tiny encoders, TrackProtector's embed and mean distance):
    seconds per PGD step per window and the peak memory increase, each size in its own process.
 
-Early stop is disabled (target_delta_e = inf) so every window runs exactly ``--steps`` steps. Times
+Early stop is disabled (target_delta_e = inf) so every window runs exactly the stated steps. Times
 are medians of ``--repeats`` runs after ``--warmup`` runs. Ratios (speedup, efficiency, memory) are
 the result; absolute CPU times are context only.
 
@@ -33,6 +35,7 @@ import math
 import os
 import platform
 import shlex
+import shutil
 import statistics
 import subprocess
 import sys
@@ -69,6 +72,9 @@ QUICK = {
     "gpu_steps": 5,
     "ensemble_batch": 1,
     "ensemble_steps": 2,
+    "pipeline_steps": 2,
+    "pipeline_precisions": ["bf16"],
+    "pipeline_repeats": 1,
 }
 FULL = {
     "amodels": ["HTSAT-tiny", "HTSAT-base"],
@@ -83,7 +89,16 @@ FULL = {
     "gpu_steps": 50,
     "ensemble_batch": 2,
     "ensemble_steps": 3,
+    "pipeline_steps": 50,  # attack.steps' default: what a catalog run does per window
+    "pipeline_precisions": ["bf16"],
+    "pipeline_repeats": 1,
 }
+# Where the protect actor's compute runs relative to the CPU stages (decode, quality, encode, write):
+#   dedicated: the accelerator is the actor's own. On CPU the actor takes all cores but one
+#              (torch threads = runtime.num_cpus_per_actor = cores - 1), the CPU stages the rest;
+#              on CUDA the actor has the GPU. The engine reference runs with the same threads.
+#   shared:    CPU only: the actor's torch threads = all cores, so every CPU stage preempts them.
+PLACEMENTS = ("dedicated", "shared")
 
 
 # --------------------------------------------------------------------------------------------
@@ -102,6 +117,7 @@ class EngineResult:
     seconds: float
     compiled: bool = False
     repeats: int = 0
+    threads: int = 0  # torch intra-op threads (0: the process default)
 
     @property
     def windows_per_s(self) -> float:
@@ -156,9 +172,11 @@ class PipelineResult:
     wall_seconds: float  # run(cfg) after Ray is up: listing, actor start-up, all shards
     steady_seconds: float  # first shard's completion marker -> last shard's
     steady_windows: int  # windows of the shards committed after the first
-    engine_windows_per_s: float = float("nan")  # same amodel/precision/batch/steps
-    extra_forward_seconds: float = float("nan")  # per window: the fp32 measurement pass(es)
-    extra_forwards: int = 1  # fp32 forwards per window beyond pgd (2 in bf16: clean e(x) is redone)
+    engine_windows_per_s: float = float("nan")  # same amodel/precision/batch/steps/threads
+    extra_forward_seconds: float = float("nan")  # per window: one fp32 no-grad forward, same threads
+    extra_forwards: int = 1  # fp32 measurement forwards per window beyond pgd (see measurement_forwards)
+    placement: str = "shared"  # dedicated | shared (PLACEMENTS)
+    actor_threads: int = 0  # torch threads of the protect actor (and of the engine reference)
 
     @property
     def windows_per_s_wall(self) -> float:
@@ -272,6 +290,10 @@ class BenchSettings:
     warmup: int = 1
     pipeline_tracks: int = 12
     pipeline_batch: int = 0  # 0: the largest batch size that leaves at least two shards
+    pipeline_steps: int = 50  # PGD steps in the pipeline section (and its engine reference)
+    pipeline_precisions: list[str] = field(default_factory=lambda: ["bf16"])
+    pipeline_placements: list[str] = field(default_factory=lambda: list(PLACEMENTS))
+    pipeline_repeats: int = 1  # timed engine-reference calls per pipeline case (median)
     memory_seconds: list[float] = field(default_factory=lambda: [60.0, 1800.0])
     memory_amodel: str = "HTSAT-tiny"
     memory_steps: int = 1
@@ -296,6 +318,7 @@ class BenchReport:
     forward: list[ForwardResult] = field(default_factory=list)
     baseline: list[BaselineResult] = field(default_factory=list)
     pipeline: list[PipelineResult] = field(default_factory=list)
+    pipeline_engine: list[EngineResult] = field(default_factory=list)  # references of the pipeline rows
     memory: list[MemoryResult] = field(default_factory=list)
     gpu: list[GpuResult] = field(default_factory=list)
     ensemble: list[EnsembleResult] = field(default_factory=list)
@@ -306,7 +329,7 @@ class BenchReport:
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
-        for name in ("engine", "baseline", "pipeline", "memory", "gpu"):
+        for name in ("engine", "pipeline_engine", "baseline", "pipeline", "memory", "gpu"):
             for item, obj in zip(out[name], getattr(self, name), strict=True):
                 for prop in (
                     "windows_per_s",
@@ -510,12 +533,14 @@ def bench_engine(
     compile: bool = False,
     repeats: int = 3,
     warmup: int = 1,
+    warmup_steps: int | None = None,
     encoder: Any = None,
 ) -> tuple[list[EngineResult], list[ForwardResult]]:
     """Time `pgd` on in-memory [B, 1, 480000] windows (48 kHz mono, ClapView(48000)).
 
     Returns one EngineResult per (batch, precision[, compiled]) and, per batch, the fp32 no-grad
-    forward time per window.
+    forward time per window. Warm-up calls run `warmup_steps` steps (default: `steps`), so a
+    50-step measurement need not pay for a 50-step warm-up.
     """
     import torch
 
@@ -550,8 +575,18 @@ def bench_engine(
                     started = time.perf_counter()
                     call()
                     log(f"engine {label}: first call (compile) {time.perf_counter() - started:.1f} s")
-                seconds = median_seconds(call, repeats, warmup, sync)
-                results.append(EngineResult(amodel, precision, batch, steps, seconds, compiled, repeats))
+                if warmup_steps is not None:
+                    short = attack_params(warmup_steps, precision)
+                    for _ in range(warmup):
+                        pgd(embed, x, short, generator=torch.Generator().manual_seed(0))
+                    seconds = median_seconds(call, repeats, 0, sync)
+                else:
+                    seconds = median_seconds(call, repeats, warmup, sync)
+                results.append(
+                    EngineResult(
+                        amodel, precision, batch, steps, seconds, compiled, repeats, threads=torch.get_num_threads()
+                    )
+                )
                 log(f"engine {label}: {seconds:.2f} s/call, {batch / seconds:.3f} windows/s")
 
         def forward(x: torch.Tensor = x) -> Any:
@@ -642,6 +677,24 @@ def write_catalog(folder: Path, tracks: int, per_shard: int, seed: int = 0) -> l
     return paths
 
 
+def actor_threads(placement: str, device: str = "cpu") -> int:
+    """Torch threads of the protect actor for a placement (PLACEMENTS): on CPU all cores but one
+    when dedicated, all cores when shared; one on CUDA (the GPU does the work)."""
+    if placement not in PLACEMENTS:
+        raise ValueError(f"unknown placement {placement!r} (known: {', '.join(PLACEMENTS)})")
+    if device.startswith("cuda"):
+        return 1
+    cores = os.cpu_count() or 1
+    return max(1, cores - 1) if placement == "dedicated" else cores
+
+
+def measurement_forwards(precision: str, musicldm_view: bool = True) -> int:
+    """fp32 no-grad forwards per window the pipeline runs beyond `pgd` (TrackProtector._measure):
+    the written audio (1), the clean audio again unless pgd's own e(x) was fp32 with the plain view
+    (bf16: +1), and the MusicLDM view of both (+2)."""
+    return 1 + (precision != "fp32") + (2 if musicldm_view else 0)
+
+
 def pipeline_config(
     input_dir: Path,
     output_dir: Path,
@@ -650,11 +703,12 @@ def pipeline_config(
     precision: str,
     batch: int,
     device: str = "cpu",
+    placement: str = "shared",
 ) -> Any:
     from pipeline.config import config_from_dict
 
     cuda = device.startswith("cuda")
-    threads = os.cpu_count() or 1
+    threads = actor_threads(placement, device)
     return config_from_dict(
         {
             "io": {"input": str(input_dir), "output": str(output_dir), "overwrite": True},
@@ -672,7 +726,9 @@ def pipeline_config(
             "runtime": {
                 "num_actors": 1,
                 "num_gpus_per_actor": 1.0 if cuda else 0.0,
-                "num_cpus_per_actor": 1.0,
+                # dedicated: the actor reserves the cores its threads use, so Ray schedules the
+                # CPU stages (io_cpus each) on the rest; shared: it reserves one and uses all.
+                "num_cpus_per_actor": float(threads) if placement == "dedicated" and not cuda else 1.0,
                 "torch_threads": threads,
                 "tracks_per_call": batch,
                 "batch_windows": batch,
@@ -692,13 +748,14 @@ def bench_pipeline(
     output_dir: Path,
     *,
     device: str = "cpu",
+    placement: str = "shared",
 ) -> PipelineResult:
     """Run the real pipeline once over the catalog in `input_dir` (Ray must be up or is started)."""
     from pipeline.records import ShardStats
     from pipeline.shards import OutputFolder
     from pipeline.stages.pipeline import init_ray, run
 
-    cfg = pipeline_config(input_dir, output_dir, amodel, steps, precision, batch, device)
+    cfg = pipeline_config(input_dir, output_dir, amodel, steps, precision, batch, device, placement)
     init_ray(cfg)
     result = run(cfg)
     stats = result.this_run
@@ -726,10 +783,13 @@ def bench_pipeline(
         wall_seconds=result.wall_seconds,
         steady_seconds=steady_seconds,
         steady_windows=steady_windows,
-        extra_forwards=1 if precision == "fp32" else 2,
+        extra_forwards=measurement_forwards(precision, cfg.quality.musicldm_view),
+        placement=placement,
+        actor_threads=cfg.runtime.torch_threads or 1,
     )
     log(
-        f"pipeline {amodel} B={batch} {precision}: {out.windows} windows in {out.wall_seconds:.1f} s wall, "
+        f"pipeline {amodel} B={batch} {precision} {placement} ({out.actor_threads} threads): "
+        f"{out.windows} windows in {out.wall_seconds:.1f} s wall, "
         f"{out.windows_per_s:.3f} windows/s steady"
     )
     return out
@@ -1101,7 +1161,7 @@ def run_benchmark(settings: BenchSettings, command: str = "") -> BenchReport:
     if settings.wait_idle > 0:
         busy = wait_for_idle(settings.wait_idle)
         report.notes.append(f"Machine {100 * busy:.0f} % busy (other work) when the run started.")
-    for amodel in settings.amodels if ("engine" in parts or "pipeline" in parts) else []:
+    for amodel in settings.amodels if "engine" in parts else []:
         with cpu_meter(f"engine {amodel}", meter):
             engine, forward = bench_engine(
                 amodel,
@@ -1121,8 +1181,7 @@ def run_benchmark(settings: BenchSettings, command: str = "") -> BenchReport:
                 bench_baseline(amodel, settings.steps, device=device, repeats=settings.repeats, warmup=settings.warmup)
             )
     if "pipeline" in parts:
-        with cpu_meter("pipeline (Ray workers not counted as own)", meter):
-            report.pipeline = _run_pipelines(settings, report, device)
+        report.pipeline = _run_pipelines(settings, report, device)
     threads = settings.threads or (os.cpu_count() or 1)
     for seconds in settings.memory_seconds if "memory" in parts else []:
         with cpu_meter(f"memory {_minutes(seconds)}", meter):
@@ -1164,32 +1223,73 @@ def run_benchmark(settings: BenchSettings, command: str = "") -> BenchReport:
 
 
 def _run_pipelines(settings: BenchSettings, report: BenchReport, device: str) -> list[PipelineResult]:
+    """Per model, precision and placement: the engine reference (in this process, the actor's
+    thread count, same batch/precision/steps), then the pipeline run it is compared with."""
     import ray
+    import torch
+
+    from pipeline.encoder import load_encoder
 
     batch = choose_pipeline_batch(settings)
+    placements = ["dedicated"] if device.startswith("cuda") else settings.pipeline_placements
     started_ray = not ray.is_initialized()
+    own_threads = torch.get_num_threads()
     results = []
     try:
         with tempfile.TemporaryDirectory(prefix="unlearnable-bench-") as tmp:
             input_dir = Path(tmp) / "input"
             write_catalog(input_dir, settings.pipeline_tracks, batch)
             for amodel in settings.amodels:
-                for precision in settings.precisions:
-                    output_dir = Path(tmp) / f"out-{amodel}-{precision}"
-                    result = bench_pipeline(
-                        amodel, settings.steps, precision, batch, input_dir, output_dir, device=device
-                    )
-                    engine = _find_engine(report, amodel, precision, batch)
-                    if engine is not None:
-                        result.engine_windows_per_s = engine.windows_per_s
-                    forward = next((f for f in report.forward if f.amodel == amodel and f.batch == batch), None)
-                    if forward is not None:
-                        result.extra_forward_seconds = forward.seconds_per_window
-                    results.append(result)
+                encoder = load_encoder(f"random:{amodel}:0", device=device)
+                for precision in settings.pipeline_precisions:
+                    for placement in placements:
+                        case = (amodel, precision, batch, placement)
+                        results.append(_pipeline_case(settings, report, case, encoder, input_dir, device))
+                        torch.set_num_threads(own_threads)
+                del encoder
     finally:
+        torch.set_num_threads(own_threads)
         if started_ray and ray.is_initialized():
             ray.shutdown()
     return results
+
+
+def _pipeline_case(
+    settings: BenchSettings,
+    report: BenchReport,
+    case: tuple[str, str, int, str],
+    encoder: Any,
+    input_dir: Path,
+    device: str,
+) -> PipelineResult:
+    """One pipeline row: its engine reference at the actor's threads, then the pipeline run."""
+    import torch
+
+    amodel, precision, batch, placement = case
+    steps = settings.pipeline_steps
+    torch.set_num_threads(actor_threads(placement, device))
+    engine, forward = bench_engine(
+        amodel,
+        steps,
+        [batch],
+        [precision],
+        device=device,
+        repeats=settings.pipeline_repeats,
+        warmup=1,
+        warmup_steps=1,
+        encoder=encoder,
+    )
+    report.pipeline_engine += engine
+    log(f"engine reference {amodel} {precision} {placement}: {engine[0].windows_per_s:.3f} windows/s")
+    output_dir = input_dir.parent / f"out-{amodel}-{precision}-{placement}"
+    with cpu_meter(f"pipeline {amodel} {precision} {placement}", report.contention):
+        result = bench_pipeline(
+            amodel, steps, precision, batch, input_dir, output_dir, device=device, placement=placement
+        )
+    result.engine_windows_per_s = engine[0].windows_per_s
+    result.extra_forward_seconds = forward[0].seconds_per_window
+    shutil.rmtree(output_dir, ignore_errors=True)
+    return result
 
 
 def _find_engine(report: BenchReport, amodel: str, precision: str, batch: int) -> EngineResult | None:
@@ -1297,21 +1397,22 @@ def render_tables(report: BenchReport) -> str:
         out.append(
             f"\n### Pipeline (Ray Data, tar shards on disk → written shards + manifests; "
             f"{p0.tracks} tracks × 10 s "
-            f"44.1 kHz stereo FLAC, {p0.shards} shards of {p0.batch}, batch {p0.batch}, {s.steps} steps)\n"
+            f"44.1 kHz stereo FLAC, {p0.shards} shards of {p0.batch}, batch {p0.batch}, {p0.steps} steps)\n"
         )
         rows = []
         for p in report.pipeline:
+            verdict = ("met" if p.efficiency >= 0.9 else "NOT met") if p.placement == "dedicated" else "(context)"
             rows.append(
                 [
                     p.amodel,
                     p.precision,
-                    p.batch,
+                    p.placement,
+                    p.actor_threads,
                     p.windows,
                     _f(p.wall_seconds, 1),
-                    _f(p.windows_per_s_wall, 3),
                     _f(p.windows_per_s, 3),
                     _f(p.engine_windows_per_s, 3),
-                    _f(p.efficiency),
+                    f"**{_f(p.efficiency)}** {verdict}",
                     f"{_f(p.efficiency_equivalent)} (+{p.extra_forwards} fwd)",
                 ]
             )
@@ -1320,26 +1421,34 @@ def render_tables(report: BenchReport) -> str:
                 [
                     "model",
                     "precision",
-                    "batch",
+                    "placement",
+                    "actor threads",
                     "windows",
                     "wall s",
-                    "windows/s (wall)",
                     "windows/s (steady)",
-                    "engine windows/s",
-                    "efficiency",
+                    "engine windows/s (same threads)",
+                    "efficiency (target ≥ 0.9)",
                     "efficiency, engine-equivalent",
                 ],
                 rows,
             )
         )
         out.append(
-            "\nwall = `run(cfg)` with Ray already up (includes listing, the protect actor's start-up "
-            "and encoder build). steady = first → last committed shard (start-up excluded); "
-            "efficiency = steady ÷ engine at "
-            "the same batch, precision and steps. The pipeline also measures the written audio with fp32 "
-            "forward(s) per window (1 in fp32; 2 in bf16, where e(x) is recomputed in fp32) and resamples "
-            "44.1 kHz stereo to 48 kHz mono: *engine-equivalent* credits those forwards (timed in the engine "
-            "section) as work, so it is (1/engine + n_fwd·t_fwd) × pipeline windows/s."
+            "\nEach row has its own engine reference, timed in this section just before the pipeline "
+            f"run: `pgd` on in-memory 48 kHz mono windows at the same steps, batch, precision and torch "
+            f"threads ({s.pipeline_repeats} timed call(s) after a 1-step warm-up). "
+            "*dedicated*: the actor's cores are its own (on CPU `runtime.num_cpus_per_actor` = torch "
+            "threads = cores − 1, and Ray schedules the decode, quality, encode and write tasks on the "
+            "remaining core; on a GPU node the accelerator is the GPU); this is the placement the ≥ 0.9 "
+            "target is about. *shared* (CPU only): the actor's torch threads use every core, so each CPU "
+            "stage preempts one of its OpenMP threads and the other waits at the next barrier; shown for "
+            "context, it is the faster setting in absolute windows/s only when the engine scales well "
+            "with cores. wall = `run(cfg)` with Ray already up (listing, actor start-up, encoder build "
+            "included); steady = first → last committed shard; efficiency = steady ÷ engine. The pipeline "
+            "also measures the audio as written with fp32 no-grad forwards the engine does not run "
+            "(written audio; clean audio again in bf16; MusicLDM view of both): *engine-equivalent* "
+            "credits them as work, (1/engine + n_fwd·t_fwd) × pipeline windows/s, t_fwd timed at the same "
+            "threads."
         )
     if report.memory:
         m0 = report.memory[0]
@@ -1401,7 +1510,8 @@ def render_tables(report: BenchReport) -> str:
         out.append(_table(["section", "wall s", "machine busy %", "this process %", "other processes %"], rows))
         noisy = [c.section for c in report.contention if "pipeline" not in c.section and c.other_pct > 10]
         out.append(
-            "\nShares of all cores, from /proc/stat and getrusage. "
+            "\nShares of all cores, from /proc/stat and getrusage (in the pipeline rows the Ray workers "
+            "count as other processes). "
             + (
                 f"**Other work used > 10 % of the machine during: {', '.join(noisy)}** — those timings are "
                 "inflated; rerun on an idle machine (`--wait-idle 600`) before trusting their ratios."
@@ -1514,13 +1624,16 @@ def render_markdown(report: BenchReport) -> str:
         "efficiency, memory ratio) are like-for-like; absolute CPU times are context only. Encoders use "
         "random weights (`random:<amodel>:0`): speed does not depend on the weights. Early stop is off "
         "(`target_delta_e = inf`), so every window runs exactly the stated steps. Times are medians of "
-        f"{s.repeats} runs after {s.warmup} warm-up run(s).",
+        f"{s.repeats} runs after {s.warmup} warm-up run(s) (the pipeline section's engine references: "
+        f"{s.pipeline_repeats} timed call(s) after a 1-step warm-up).",
         "",
         f"- Date: {report.date}",
         f"- Command: `{report.command}`",
         f"- Settings: models {', '.join(s.amodels)}; {s.steps} PGD steps; batch sizes "
         f"{', '.join(map(str, s.batch_sizes))}; precisions {', '.join(s.precisions)}; torch.compile "
-        f"{'on' if s.compile else 'off'}; ε {EPS}, α {ALPHA}, σ {SIGMA}; "
+        f"{'on' if s.compile else 'off'}; pipeline section: {s.pipeline_steps} steps, "
+        f"{', '.join(s.pipeline_precisions)}, placements {', '.join(s.pipeline_placements)}; "
+        f"ε {EPS}, α {ALPHA}, σ {SIGMA}; "
         f"run took {report.seconds / 60:.1f} min",
         "",
         "| machine | |",
@@ -1599,6 +1712,15 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, help="untimed warm-up runs per measurement (default 1)")
     p.add_argument("--pipeline-tracks", type=int, help="10 s tracks in the pipeline catalog (default 12; quick 2)")
     p.add_argument("--pipeline-batch", type=int, default=0, help="pipeline batch (default: largest leaving ≥ 2 shards)")
+    p.add_argument("--pipeline-steps", type=int, help="PGD steps in the pipeline section (default 50; quick 2)")
+    p.add_argument("--pipeline-precisions", type=_csv(str), help="pipeline section precisions (default bf16)")
+    p.add_argument(
+        "--pipeline-placements",
+        type=_csv(str),
+        default=list(PLACEMENTS),
+        help="dedicated (actor on cores − 1, CPU stages on the rest) and/or shared (actor threads on all cores)",
+    )
+    p.add_argument("--pipeline-repeats", type=int, help="timed engine-reference calls per pipeline case (default 1)")
     p.add_argument("--memory-seconds", type=_csv(float), help="track lengths for the memory case (default 60,1800)")
     p.add_argument("--memory-amodel", default="HTSAT-tiny", help="encoder of the memory case (default HTSAT-tiny)")
     p.add_argument("--memory-steps", type=int, default=1, help="PGD steps in the memory case (default 1)")
@@ -1639,6 +1761,10 @@ def settings_from_args(args: argparse.Namespace) -> BenchSettings:
         warmup=pick("warmup"),
         pipeline_tracks=pick("pipeline_tracks"),
         pipeline_batch=args.pipeline_batch,
+        pipeline_steps=pick("pipeline_steps"),
+        pipeline_precisions=pick("pipeline_precisions"),
+        pipeline_placements=args.pipeline_placements,
+        pipeline_repeats=pick("pipeline_repeats"),
         memory_seconds=pick("memory_seconds"),
         memory_amodel=args.memory_amodel,
         memory_steps=args.memory_steps,
@@ -1650,13 +1776,21 @@ def settings_from_args(args: argparse.Namespace) -> BenchSettings:
         parts=args.parts,
         wait_idle=args.wait_idle,
     )
-    bad = [p for p in settings.precisions if p not in ("fp32", "bf16", "fp16")]
+    bad = [p for p in (*settings.precisions, *settings.pipeline_precisions) if p not in ("fp32", "bf16", "fp16")]
     unknown = [p for p in settings.parts if p not in PARTS]
-    if bad or unknown or settings.steps < 0 or min(settings.batch_sizes) < 1 or settings.pipeline_tracks < 1:
+    unknown += [p for p in settings.pipeline_placements if p not in PLACEMENTS]
+    if (
+        bad
+        or unknown
+        or min(settings.steps, settings.pipeline_steps) < 0
+        or min(settings.batch_sizes) < 1
+        or settings.pipeline_tracks < 1
+        or settings.pipeline_repeats < 1
+    ):
         raise ValueError(
-            f"invalid settings: precisions {bad or 'ok'}, parts {unknown or 'ok'} "
-            f"(known {', '.join(PARTS)}), "
-            "steps ≥ 0, batch sizes ≥ 1, pipeline tracks ≥ 1"
+            f"invalid settings: precisions {bad or 'ok'}, parts/placements {unknown or 'ok'} "
+            f"(known {', '.join(PARTS)}; {', '.join(PLACEMENTS)}), "
+            "steps ≥ 0, batch sizes ≥ 1, pipeline tracks ≥ 1, pipeline repeats ≥ 1"
         )
     if min(settings.ensemble_sizes) < 1 or settings.ensemble_batch < 1 or settings.ensemble_steps < 1:
         raise ValueError("invalid settings: ensemble sizes, batch and steps must be ≥ 1")

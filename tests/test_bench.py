@@ -24,10 +24,28 @@ def test_parser_quick_and_full_profiles():
     assert full.batch_sizes == [1, 2, 4]
     assert full.precisions == ["fp32", "bf16"]
     assert bench.choose_pipeline_batch(full) == 4  # 12 tracks: three shards of four
+    assert full.pipeline_steps == 50 and full.pipeline_precisions == ["bf16"]
+    assert full.pipeline_placements == ["dedicated", "shared"]
 
     with pytest.raises(ValueError):
         bench.settings_from_args(bench.build_parser().parse_args(["--precisions", "int8"]))
     assert bench.main(["--parts", "nonsense"]) == 2
+    assert bench.main(["--pipeline-placements", "nowhere"]) == 2
+
+
+def test_placements_and_measurement_forwards(monkeypatch):
+    monkeypatch.setattr(bench.os, "cpu_count", lambda: 8)
+    assert bench.actor_threads("dedicated") == 7 and bench.actor_threads("shared") == 8
+    assert bench.actor_threads("dedicated", "cuda:0") == 1
+    monkeypatch.setattr(bench.os, "cpu_count", lambda: 1)
+    assert bench.actor_threads("dedicated") == 1  # never zero threads
+    with pytest.raises(ValueError):
+        bench.actor_threads("elsewhere")
+    cfg = bench.pipeline_config(bench.Path("in"), bench.Path("out"), "HTSAT-tiny", 2, "bf16", 4, "cpu", "dedicated")
+    assert cfg.runtime.torch_threads == 1 and cfg.runtime.num_cpus_per_actor == 1.0
+    # the written audio; the clean audio again unless pgd's e(x) was fp32; the MusicLDM view of both
+    assert bench.measurement_forwards("fp32") == 3 and bench.measurement_forwards("bf16") == 4
+    assert bench.measurement_forwards("fp32", musicldm_view=False) == 1
 
 
 def test_render_from_synthetic_results():
@@ -43,6 +61,7 @@ def test_render_from_synthetic_results():
         bench.PipelineResult(
             "HTSAT-tiny", "fp32", 1, 2, tracks=2, shards=2, windows=2, ok=2, wall_seconds=4.0,
             steady_seconds=1.25, steady_windows=1, engine_windows_per_s=1.0, extra_forward_seconds=0.1,
+            placement="dedicated", actor_threads=1,
         )
     ]  # fmt: skip
     report.memory = [
@@ -58,6 +77,7 @@ def test_render_from_synthetic_results():
     assert "**1.10**" in text and "(target ≤ 1.20: met)" in text
     assert bench.GPU_NOT_AVAILABLE in text
     assert "python -m pipeline.bench" in text
+    assert "**0.80** NOT met" in text  # dedicated rows carry the ≥ 0.9 verdict
     assert report.to_dict()["pipeline"][0]["efficiency"] == pytest.approx(0.8)
 
 
