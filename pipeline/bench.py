@@ -1412,7 +1412,7 @@ def render_tables(report: BenchReport) -> str:
                     _f(p.wall_seconds, 1),
                     _f(p.windows_per_s, 3),
                     _f(p.engine_windows_per_s, 3),
-                    f"**{_f(p.efficiency)}** {verdict}",
+                    f"**{_f(p.efficiency, 3)}** {verdict}",
                     f"{_f(p.efficiency_equivalent)} (+{p.extra_forwards} fwd)",
                 ]
             )
@@ -1655,6 +1655,9 @@ def render_markdown(report: BenchReport) -> str:
         "keeps the raw numbers. The full run is `python -m pipeline.bench --out docs/benchmarks.md`.",
         "- `--parts engine,baseline,pipeline,memory,gpu,ensemble` picks sections; `--compile` adds `torch.compile`d "
         "engine rows (on CPU it costs minutes to compile for ≤ 10 % speed).",
+        "- Pipeline: `--pipeline-steps` (default 50), `--pipeline-precisions` (default bf16), "
+        "`--pipeline-placements dedicated,shared`, `--pipeline-repeats`; the catalog is `--pipeline-tracks` "
+        "10 s 44.1 kHz stereo FLAC tracks (default 12) in shards of the batch size.",
         "- Engine: `pgd` with the frozen laion-clap HTSAT audio tower (`load_encoder`) behind "
         "`ClapView(48000)`; bf16 is autocast over the transformer body with the STFT/log-mel front end kept "
         "in fp32.",

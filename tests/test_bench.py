@@ -77,7 +77,7 @@ def test_render_from_synthetic_results():
     assert "**1.10**" in text and "(target ≤ 1.20: met)" in text
     assert bench.GPU_NOT_AVAILABLE in text
     assert "python -m pipeline.bench" in text
-    assert "**0.80** NOT met" in text  # dedicated rows carry the ≥ 0.9 verdict
+    assert "**0.800** NOT met" in text  # dedicated rows carry the ≥ 0.9 verdict
     assert report.to_dict()["pipeline"][0]["efficiency"] == pytest.approx(0.8)
 
 
