@@ -1245,7 +1245,6 @@ def _run_pipelines(settings: BenchSettings, report: BenchReport, device: str) ->
                     for placement in placements:
                         case = (amodel, precision, batch, placement)
                         results.append(_pipeline_case(settings, report, case, encoder, input_dir, device))
-                        torch.set_num_threads(own_threads)
                 del encoder
     finally:
         torch.set_num_threads(own_threads)
