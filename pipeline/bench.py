@@ -63,7 +63,7 @@ QUICK = {
     "amodels": ["HTSAT-tiny"],
     "steps": 2,
     "batch_sizes": [1, 2],
-    "precisions": ["fp32", "bf16"],
+    "precisions": None,  # fp32, plus bf16 where the device runs it in hardware (default_precisions)
     "pipeline_tracks": 2,
     "memory_seconds": [60.0, 180.0],
     "repeats": 3,
@@ -73,14 +73,14 @@ QUICK = {
     "ensemble_batch": 1,
     "ensemble_steps": 2,
     "pipeline_steps": 2,
-    "pipeline_precisions": ["bf16"],
+    "pipeline_precisions": None,  # bf16 where native, else fp32
     "pipeline_repeats": 1,
 }
 FULL = {
     "amodels": ["HTSAT-tiny", "HTSAT-base"],
     "steps": 5,
     "batch_sizes": [1, 2, 4],
-    "precisions": ["fp32", "bf16"],
+    "precisions": None,
     "pipeline_tracks": 12,
     "memory_seconds": [60.0, 1800.0],
     "repeats": 3,
@@ -90,7 +90,7 @@ FULL = {
     "ensemble_batch": 2,
     "ensemble_steps": 3,
     "pipeline_steps": 50,  # attack.steps' default: what a catalog run does per window
-    "pipeline_precisions": ["bf16"],
+    "pipeline_precisions": None,  # bf16 where native, else fp32
     "pipeline_repeats": 1,
 }
 # Where the protect actor's compute runs relative to the CPU stages (decode, quality, encode, write):
@@ -306,6 +306,7 @@ class BenchSettings:
     ensemble_precision: str = "fp32"
     parts: list[str] = field(default_factory=lambda: list(PARTS))
     wait_idle: float = 0.0  # seconds to wait for other work on the machine to finish first
+    precision_note: str = ""  # why the default precisions leave bf16 out, when they do
 
 
 @dataclass
@@ -1158,6 +1159,8 @@ def run_benchmark(settings: BenchSettings, command: str = "") -> BenchReport:
     )
     parts = set(settings.parts)
     meter = report.contention
+    if settings.precision_note:
+        report.notes.append(settings.precision_note)
     if settings.wait_idle > 0:
         busy = wait_for_idle(settings.wait_idle)
         report.notes.append(f"Machine {100 * busy:.0f} % busy (other work) when the run started.")
@@ -1699,7 +1702,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--amodels", type=_csv(str), help="comma-separated HTSAT models (default HTSAT-tiny,HTSAT-base)")
     p.add_argument("--steps", type=int, help="PGD steps per window, early stop off (default 5; quick 2)")
     p.add_argument("--batch-sizes", type=_csv(int), help="engine batch sizes (default 1,2,4; quick 1,2)")
-    p.add_argument("--precisions", type=_csv(str), help="fp32,bf16 (default both)")
+    p.add_argument("--precisions", type=_csv(str), help="fp32,bf16 (default both; fp32 alone where bf16 is emulated)")
     p.add_argument("--compile", action="store_true", help="also time torch.compile'd encoders (minutes on CPU)")
     p.add_argument(
         "--quick",
@@ -1715,7 +1718,9 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--pipeline-tracks", type=int, help="10 s tracks in the pipeline catalog (default 12; quick 2)")
     p.add_argument("--pipeline-batch", type=int, default=0, help="pipeline batch (default: largest leaving ≥ 2 shards)")
     p.add_argument("--pipeline-steps", type=int, help="PGD steps in the pipeline section (default 50; quick 2)")
-    p.add_argument("--pipeline-precisions", type=_csv(str), help="pipeline section precisions (default bf16)")
+    p.add_argument(
+        "--pipeline-precisions", type=_csv(str), help="pipeline precisions (default bf16; fp32 where bf16 is emulated)"
+    )
     p.add_argument(
         "--pipeline-placements",
         type=_csv(str),
@@ -1743,8 +1748,32 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     return p
 
 
+def default_precisions(device: str) -> tuple[list[str], list[str], str]:
+    """(engine precisions, pipeline precisions, note) when none are given: fp32 and bf16 where the
+    device runs bf16 in hardware, else fp32 alone (emulated bf16 measures the emulation, not the
+    engine: ~15× slower than fp32 on an AVX2-only CPU)."""
+    import torch
+
+    from pipeline.encoder import pick_device
+    from pipeline.stages.protect import native_low_precision
+
+    resolved = pick_device(device)
+    if native_low_precision(resolved):
+        return ["fp32", "bf16"], ["bf16"], ""
+    capability = torch.backends.cpu.get_cpu_capability() if resolved.type == "cpu" else resolved.type
+    note = (
+        f"bf16 left out: {resolved} has no hardware bf16 (CPU capability {capability}), so oneDNN "
+        "emulates it; pass --precisions fp32,bf16 to time the emulation anyway."
+    )
+    return ["fp32"], ["fp32"], note
+
+
 def settings_from_args(args: argparse.Namespace) -> BenchSettings:
     profile = QUICK if args.quick else FULL
+    precision_note = ""
+    if args.precisions is None or args.pipeline_precisions is None:
+        engine_precisions, pipeline_precisions, precision_note = default_precisions(args.device)
+        profile = {**profile, "precisions": engine_precisions, "pipeline_precisions": pipeline_precisions}
 
     def pick(name: str) -> Any:
         value = getattr(args, name)
@@ -1777,6 +1806,7 @@ def settings_from_args(args: argparse.Namespace) -> BenchSettings:
         ensemble_steps=pick("ensemble_steps"),
         parts=args.parts,
         wait_idle=args.wait_idle,
+        precision_note=precision_note if args.precisions is None else "",
     )
     bad = [p for p in (*settings.precisions, *settings.pipeline_precisions) if p not in ("fp32", "bf16", "fp16")]
     unknown = [p for p in settings.parts if p not in PARTS]

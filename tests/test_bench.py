@@ -10,7 +10,8 @@ import pytest
 from pipeline import bench
 
 
-def test_parser_quick_and_full_profiles():
+def test_parser_quick_and_full_profiles(monkeypatch):
+    monkeypatch.setattr("pipeline.stages.protect.native_low_precision", lambda device: True)
     quick = bench.settings_from_args(bench.build_parser().parse_args(["--quick"]))
     assert quick.amodels == ["HTSAT-tiny"]
     assert quick.steps == 2 and quick.batch_sizes == [1, 2]
@@ -26,6 +27,17 @@ def test_parser_quick_and_full_profiles():
     assert bench.choose_pipeline_batch(full) == 4  # 12 tracks: three shards of four
     assert full.pipeline_steps == 50 and full.pipeline_precisions == ["bf16"]
     assert full.pipeline_placements == ["dedicated", "shared"]
+
+    assert full.precision_note == ""
+
+    # bf16 emulated (an AVX2-only CPU): the defaults time fp32 alone and say why; explicit wins
+    monkeypatch.setattr("pipeline.stages.protect.native_low_precision", lambda device: False)
+    emulated = bench.settings_from_args(bench.build_parser().parse_args(["--device", "cpu"]))
+    assert emulated.precisions == ["fp32"] and emulated.pipeline_precisions == ["fp32"]
+    assert "bf16 left out" in emulated.precision_note
+    explicit = bench.settings_from_args(bench.build_parser().parse_args(["--precisions", "fp32,bf16"]))
+    assert explicit.precisions == ["fp32", "bf16"] and explicit.pipeline_precisions == ["fp32"]
+    assert explicit.precision_note == ""
 
     with pytest.raises(ValueError):
         bench.settings_from_args(bench.build_parser().parse_args(["--precisions", "int8"]))

@@ -48,6 +48,42 @@ def test_frozen_and_gradient_reaches_waveform(tiny_encoder) -> None:
     assert x.grad is not None and x.grad.abs().sum() > 0
 
 
+def test_fft_front_end_equals_laion_clap_conv_stft(tiny_encoder) -> None:
+    """The FFT STFT gives laion-clap's Conv1d power spectrogram and the same gradient."""
+    model = tiny_encoder.model
+    assert model.fft_front_end
+    g = torch.Generator().manual_seed(3)
+    audio = (torch.rand(2, 480_000, generator=g) * 2 - 1) * 0.5
+    fft_in = audio.clone().requires_grad_(True)
+    conv_in = audio.clone().requires_grad_(True)
+    fft = model.power_spectrogram(fft_in)
+    conv = model.audio_branch.spectrogram_extractor(conv_in)
+    assert fft.shape == conv.shape == (2, 1, 1001, 513)
+    assert ((fft - conv).abs().max() / conv.abs().max()).item() < 1e-5
+    weights = torch.rand(conv.shape, generator=g)
+    (fft * weights).sum().backward()
+    (conv * weights).sum().backward()
+    assert ((fft_in.grad - conv_in.grad).abs().max() / conv_in.grad.abs().max()).item() < 1e-4
+
+
+def test_checkpoint_with_other_stft_kernels_keeps_the_conv(tmp_path: Path, tiny_encoder) -> None:
+    """A checkpoint whose STFT kernels are not the windowed DFT is computed with its own kernels."""
+    state = dict(tiny_encoder.model.state_dict())
+    key = "audio_branch.spectrogram_extractor.stft.conv_real.weight"
+    state[key] = state[key] * 1.01
+    path = tmp_path / "odd-stft.pt"
+    torch.save(state, path)
+    loaded = load_encoder(str(path), "HTSAT-tiny", device="cpu")
+    assert not loaded.model.fft_front_end
+    x = torch.rand(1, 480_000) * 0.1
+    with torch.no_grad():
+        torch.testing.assert_close(
+            loaded.model.power_spectrogram(x), loaded.model.audio_branch.spectrogram_extractor(x)
+        )
+    loaded.model.load_state_dict(tiny_encoder.model.state_dict())  # plain kernels again: FFT again
+    assert loaded.model.fft_front_end
+
+
 def test_random_weights_are_deterministic(tiny_encoder) -> None:
     again = load_encoder("random:HTSAT-tiny:0", device="cpu")
     other = load_encoder("random:HTSAT-tiny:1", device="cpu")

@@ -57,3 +57,24 @@ def test_silence_is_protected(protector: TrackProtector) -> None:
     track = Track("silence", np.zeros((16000, 1), dtype=np.float32), 16000, "PCM_16")
     result = protector.protect([track])[0]
     assert not result.error and np.abs(result.samples).max() <= EPS
+
+
+def test_precision_resolution_warns_about_emulated_bf16(monkeypatch, caplog) -> None:
+    import logging
+
+    import torch
+
+    from pipeline.stages import protect as stage
+
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(stage, "native_low_precision", lambda device: False)
+    assert stage.resolve_precision("auto", cpu) == "fp32"
+    with caplog.at_level(logging.WARNING, logger=stage.logger.name):
+        assert stage.resolve_precision("bf16", cpu) == "bf16"  # the user's choice stands...
+    assert "emulated" in caplog.text  # ...with a warning
+    caplog.clear()
+    monkeypatch.setattr(stage, "native_low_precision", lambda device: True)
+    with caplog.at_level(logging.WARNING, logger=stage.logger.name):
+        assert stage.resolve_precision("bf16", cpu) == "bf16"
+        assert stage.resolve_precision("fp32", cpu) == "fp32"
+    assert caplog.text == ""

@@ -21,11 +21,35 @@ from pipeline.stages import rows as R
 logger = logging.getLogger(__name__)
 
 
+def native_low_precision(device: torch.device) -> bool:
+    """Whether bf16/fp16 autocast runs in hardware on `device`. On a CPU without AVX-512 (an
+    AVX2-only EPYC, say) oneDNN emulates bf16: an HTSAT step measured ~15× slower than fp32
+    (docs/benchmarks.md)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type != "cpu":
+        return True
+    try:  # torch's own check (AVX-512 BW/VL/DQ or Arm bf16); private, hence the fallback
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return torch.backends.cpu.get_cpu_capability().startswith("AVX512")
+
+
 def resolve_precision(precision: str, device: torch.device) -> str:
-    """auto -> bf16 on CUDA, fp32 on CPU (bf16 gradients are noisy at tiny δ; see docs)."""
-    if precision != "auto":
-        return precision
-    return "bf16" if device.type == "cuda" else "fp32"
+    """auto -> bf16 on CUDA, fp32 on CPU (bf16 gradients are noisy at tiny δ; see docs). An explicit
+    bf16/fp16 on a device that only emulates it is kept, with a warning."""
+    if precision == "auto":
+        return "bf16" if device.type == "cuda" and native_low_precision(device) else "fp32"
+    if precision in ("bf16", "fp16") and not native_low_precision(device):
+        logger.warning(
+            "attack.precision=%s on %s without hardware %s support (CPU capability %s): it is emulated "
+            "and runs many times slower than fp32 (~15× measured on an AVX2 EPYC). Use precision auto or fp32.",
+            precision,
+            device,
+            precision,
+            torch.backends.cpu.get_cpu_capability(),
+        )
+    return precision
 
 
 def build_protector(cfg: PipelineConfig) -> TrackProtector:
