@@ -1657,8 +1657,8 @@ def render_markdown(report: BenchReport) -> str:
         "keeps the raw numbers. The full run is `python -m pipeline.bench --out docs/benchmarks.md`.",
         "- `--parts engine,baseline,pipeline,memory,gpu,ensemble` picks sections; `--compile` adds `torch.compile`d "
         "engine rows (on CPU it costs minutes to compile for ≤ 10 % speed).",
-        "- Pipeline: `--pipeline-steps` (default 50), `--pipeline-precisions` (default bf16), "
-        "`--pipeline-placements dedicated,shared`, `--pipeline-repeats`; the catalog is `--pipeline-tracks` "
+        "- Pipeline: `--pipeline-steps` (default 50), `--pipeline-precisions` (default bf16, fp32 where bf16 is "
+        "emulated), `--pipeline-placements dedicated,shared`, `--pipeline-repeats`; the catalog is `--pipeline-tracks` "
         "10 s 44.1 kHz stereo FLAC tracks (default 12) in shards of the batch size.",
         "- Engine: `pgd` with the frozen laion-clap HTSAT audio tower (`load_encoder`) behind "
         "`ClapView(48000)`; bf16 is autocast over the transformer body with the STFT/log-mel front end kept "
@@ -1754,8 +1754,7 @@ def default_precisions(device: str) -> tuple[list[str], list[str], str]:
     engine: ~15× slower than fp32 on an AVX2-only CPU)."""
     import torch
 
-    from pipeline.encoder import pick_device
-    from pipeline.stages.protect import native_low_precision
+    from pipeline.encoder import native_low_precision, pick_device
 
     resolved = pick_device(device)
     if native_low_precision(resolved):

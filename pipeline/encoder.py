@@ -107,6 +107,18 @@ def import_laion_clap(hub_offline: bool = True) -> Any:
     return factory, htsat, model
 
 
+def power_spectrogram(waveform: torch.Tensor, window: torch.Tensor, hop: int) -> torch.Tensor:
+    """|STFT|² of [B, samples] -> [B, frames, n_fft/2 + 1], n_fft = len(window), frames centred
+    (reflect padding by n_fft/2), as librosa / torchlibrosa / transformers compute it.
+
+    Frames by `unfold` + `rfft` rather than `torch.stft`: the same numbers, and a backward ~1.5×
+    cheaper on CPU (torch.stft's goes through a complex overlap-add)."""
+    n_fft = window.shape[-1]
+    padded = F.pad(waveform[:, None], (n_fft // 2, n_fft // 2), mode="reflect")[:, 0]
+    spec = torch.fft.rfft(padded.unfold(-1, n_fft, hop) * window)  # [B, frames, n_fft/2 + 1]
+    return spec.real**2 + spec.imag**2
+
+
 class ClapAudioEncoder(nn.Module):
     """laion-clap's audio tower only: `audio_branch` (HTSAT) + `audio_projection`, with laion-clap's
     parameter names, frozen. Gradients flow to the waveform only.
@@ -114,12 +126,12 @@ class ClapAudioEncoder(nn.Module):
     The STFT/log-mel front end always runs in fp32 (autocast off): its bf16 backward is ~40× slower
     on CPU and loses precision; the transformer body follows the caller's autocast.
 
-    The STFT itself is an FFT (`torch.fft.rfft` of the frames) instead of laion-clap's torchlibrosa Conv1d, whose
-    kernels are the Hann-windowed DFT matrix (frozen in training, so the same in every checkpoint):
-    the same power spectrogram to float rounding, for a fraction of the work (the conv is ~2 GFLOP
-    per 10 s window each way; ~10 % of an HTSAT-tiny PGD step on CPU). The kernels are checked
-    against the windowed DFT at construction and after every `load_state_dict`; a checkpoint whose
-    kernels differ keeps the conv (`fft_front_end` False).
+    The STFT itself is an FFT (`torch.fft.rfft` of the frames) instead of laion-clap's torchlibrosa
+    Conv1d, whose kernels are the Hann-windowed DFT matrix (frozen in training, so the same in every
+    checkpoint): the same power spectrogram to float rounding, for ~40 % of the conv's forward +
+    backward time on CPU (an HTSAT-tiny PGD step at one thread: 1.18× faster). The kernels are
+    checked against the windowed DFT at construction and after every `load_state_dict`; a
+    checkpoint whose kernels differ keeps the conv (`fft_front_end` False).
     """
 
     def __init__(self, amodel: str = "HTSAT-base", hub_offline: bool = True):
@@ -172,13 +184,7 @@ class ClapAudioEncoder(nn.Module):
         if not self.fft_front_end:
             return self.audio_branch.spectrogram_extractor(waveform)
         stft = self.audio_branch.spectrogram_extractor.stft
-        half = stft.n_fft // 2
-        padded = F.pad(waveform[:, None], (half, half), mode="reflect")[:, 0]
-        # Frames by unfold + rfft rather than torch.stft: the same numbers, and its backward is
-        # ~1.6× cheaper on CPU (torch.stft's goes through a complex overlap-add).
-        frames = padded.unfold(-1, stft.n_fft, stft.hop_length) * self.fft_window  # [B, frames, n_fft]
-        spec = torch.fft.rfft(frames)  # [B, frames, n_fft/2 + 1]
-        return (spec.real**2 + spec.imag**2)[:, None]
+        return power_spectrogram(waveform, self.fft_window, stft.hop_length)[:, None]
 
     def freeze(self) -> ClapAudioEncoder:
         self.eval()
@@ -350,6 +356,20 @@ def pick_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
+
+
+def native_low_precision(device: torch.device) -> bool:
+    """Whether bf16/fp16 autocast runs in hardware on `device`. On a CPU without AVX-512 (an
+    AVX2-only EPYC, say) oneDNN emulates bf16: an HTSAT step measured ~15× slower than fp32
+    (docs/benchmarks.md)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type != "cpu":
+        return True
+    try:  # torch's own check (AVX-512 BW/VL/DQ or Arm bf16); private, hence the fallback
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return torch.backends.cpu.get_cpu_capability().startswith("AVX512")
 
 
 def load_encoder(

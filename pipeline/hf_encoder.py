@@ -4,8 +4,9 @@ differentiable torch front end matching `ClapFeatureExtractor` (which is numpy).
 Only the audio half is ever built (`ClapAudioModelWithProjection`); a full `ClapModel`
 checkpoint loads into it (same `audio_model.*` / `audio_projection.*` names, text keys ignored).
 The mel filter bank is transformers' own `mel_filter_bank` (Slaney scale and norm, as the
-extractor uses for `rand_trunc`), not re-derived; the STFT is `torch.stft` with the extractor's
-periodic Hann window, reflect padding and power 2, then 10·log10 with the same 1e-10 floors.
+extractor uses for `rand_trunc`), not re-derived; the STFT (`encoder.power_spectrogram`, an FFT
+of unfolded frames) uses the extractor's periodic Hann window, reflect padding and power 2, then
+10·log10 with the same 1e-10 floors.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from pipeline.encoder import power_spectrogram
 
 CLAP_RATE = 48_000
 N_FFT = 1024
@@ -80,11 +83,8 @@ class HFClapAudioEncoder(nn.Module):
     def features(self, waveform: torch.Tensor) -> torch.Tensor:
         """ClapFeatureExtractor's `rand_trunc` log-mel of a 10 s window: [B, 480000] -> [B, 1, 1001, 64]."""
         with torch.autocast(device_type=waveform.device.type, enabled=False):
-            spec = torch.stft(
-                waveform.float(), N_FFT, HOP, window=self.window, center=True, pad_mode="reflect", return_complex=True
-            )
-            power = spec.real**2 + spec.imag**2  # [B, freq, frames]
-            mel = torch.einsum("bft,fm->btm", power, self.mel_filters).clamp(min=MEL_FLOOR)
+            power = power_spectrogram(waveform.float(), self.window, HOP)  # [B, frames, freq]
+            mel = (power @ self.mel_filters).clamp(min=MEL_FLOOR)
             return (10.0 * torch.log10(mel))[:, None]
 
     def forward(self, waveform: torch.Tensor) -> torch.Tensor:

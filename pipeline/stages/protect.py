@@ -12,27 +12,13 @@ import numpy as np
 import torch
 
 from pipeline.config import PipelineConfig
-from pipeline.encoder import load_configured_encoder
+from pipeline.encoder import load_configured_encoder, native_low_precision
 from pipeline.engine import PGDParams
 from pipeline.metrics import ActorMetrics, error_kind
 from pipeline.protect import Track, TrackProtector
 from pipeline.stages import rows as R
 
 logger = logging.getLogger(__name__)
-
-
-def native_low_precision(device: torch.device) -> bool:
-    """Whether bf16/fp16 autocast runs in hardware on `device`. On a CPU without AVX-512 (an
-    AVX2-only EPYC, say) oneDNN emulates bf16: an HTSAT step measured ~15× slower than fp32
-    (docs/benchmarks.md)."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    if device.type != "cpu":
-        return True
-    try:  # torch's own check (AVX-512 BW/VL/DQ or Arm bf16); private, hence the fallback
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return torch.backends.cpu.get_cpu_capability().startswith("AVX512")
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
