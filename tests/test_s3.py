@@ -235,11 +235,22 @@ def ray_logs(ray_module) -> Path | None:
     return Path(node.get_logs_dir_path()) if node is not None else None
 
 
+def _retry_lines(logs: Path | None) -> int:
+    """How many transient-storage-error retries the Ray workers have logged so far."""
+    if logs is None:
+        return 0
+    return sum(p.read_bytes().count(b"transient storage error") for p in logs.glob("worker-*.err"))
+
+
 @pytest.mark.slow
 def test_run_survives_a_flapping_server(s3: SeaweedS3, bucket: str, ray_session) -> None:
     """The server goes down (SIGTERM, ~3-7 s) and comes back (~4 s) over and over while the
     pipeline runs: reads and commits that fall into an outage are retried with backoff, and the
-    run completes with every shard, every key once and no temp objects."""
+    run completes with every shard, every key once and no temp objects.
+
+    Whether an outage lands on a worker's storage call is a matter of timing (s3fs's own retries
+    can also absorb a short one), so a run that logged no retry of ours is repeated into a fresh
+    output folder, up to 3 runs; every run must be complete and clean, and one must show a retry."""
     from pipeline.stages.pipeline import run
 
     fs = s3.filesystem()
@@ -247,32 +258,41 @@ def test_run_survives_a_flapping_server(s3: SeaweedS3, bucket: str, ray_session)
     for i in range(n_shards):
         clips = [(f"k{i}-{j}.wav", audio_bytes(2.0, 16000, 1, seed=j)) for j in range(2)]
         put_shard(fs, f"{bucket}/in/s-{i:03d}.tar", clips)
-    cfg = pipeline_config(s3, f"s3://{bucket}/in/", f"s3://{bucket}/out")
-    done = threading.Event()
-    outages: list[float] = []
-
-    def flap() -> None:
-        while not done.wait(4.0):
-            stopped = time.monotonic()
-            s3.stop()
-            time.sleep(3.0)
-            s3.start()
-            outages.append(time.monotonic() - stopped)
-
-    thread = threading.Thread(target=flap)
-    thread.start()
-    try:
-        summary = run(cfg)
-    finally:
-        done.set()
-        thread.join()
-    assert outages, "the run ended before the first outage"
-    assert summary.processed_shards == n_shards and summary.all_outputs.shards == n_shards
-    assert summary.all_outputs.ok == 2 * n_shards
-    fs.invalidate_cache()
-    assert len([p for p in fs.find(f"{bucket}/out") if p.endswith(".stats.json")]) == n_shards
-    assert temp_objects(fs, f"{bucket}/out") == []
     logs = ray_logs(ray_session)
-    if logs is not None:  # the workers' warnings show that the outages did hit storage calls
-        retried = [p for p in logs.glob("worker-*.err") if b"transient storage error" in p.read_bytes()]
-        assert retried, f"no retry logged in {logs} across {len(outages)} outages"
+    retried = False
+    for attempt in range(3):
+        before = _retry_lines(logs)
+        out = f"{bucket}/out-{attempt}"
+        cfg = pipeline_config(s3, f"s3://{bucket}/in/", f"s3://{out}")
+        done = threading.Event()
+        outages: list[float] = []
+
+        def flap(done: threading.Event = done, outages: list[float] = outages) -> None:
+            while not done.wait(4.0):
+                stopped = time.monotonic()
+                s3.stop()
+                time.sleep(3.0)
+                s3.start()
+                outages.append(time.monotonic() - stopped)
+
+        thread = threading.Thread(target=flap)
+        thread.start()
+        try:
+            summary = run(cfg)
+        finally:
+            done.set()
+            thread.join()
+        assert outages, "the run ended before the first outage"
+        assert summary.processed_shards == n_shards and summary.all_outputs.shards == n_shards
+        assert summary.all_outputs.ok == 2 * n_shards
+        fs.invalidate_cache()
+        assert len([p for p in fs.find(out) if p.endswith(".stats.json")]) == n_shards
+        assert temp_objects(fs, out) == []
+        if logs is None:  # not a local node: the worker logs cannot be read, the outcome is checked
+            return
+        # the workers' warnings show that the outages did hit storage calls
+        time.sleep(1.0)  # worker stderr reaches its file asynchronously
+        retried = _retry_lines(logs) > before
+        if retried:
+            break
+    assert retried, f"no retry logged in {logs} across 3 runs with outages"
