@@ -58,6 +58,8 @@ HTSAT_BASE_GFLOP_FORWARD = 33.0
 HTSAT_BASE_GFLOP_STEP = 99.0
 GPU_NOT_AVAILABLE = "GPU: not available on this machine (unmeasured)"
 PARTS = ("engine", "baseline", "pipeline", "memory", "gpu", "ensemble")
+# GPU section: eager, torch.compile, and torch.compile with CUDA graphs (mode="reduce-overhead").
+GPU_MODES = ("eager", "compiled", "cudagraphs")
 
 QUICK = {
     "amodels": ["HTSAT-tiny"],
@@ -231,6 +233,8 @@ class GpuResult:
     seconds: float  # median per pgd call
     matmul_tflops: float  # measured bf16 matmul ceiling
     error: str = ""
+    mode: str = "eager"  # eager | compiled (torch.compile) | cudagraphs (torch.compile reduce-overhead)
+    compile_seconds: float = 0.0  # first call's extra time (compiling, graph capture); 0 for eager
 
     @property
     def windows_per_s(self) -> float:
@@ -299,6 +303,7 @@ class BenchSettings:
     memory_steps: int = 1
     gpu_batch_sizes: list[int] = field(default_factory=lambda: [8, 16, 32, 64])
     gpu_steps: int = 50
+    gpu_modes: list[str] = field(default_factory=lambda: list(GPU_MODES))
     ensemble_sizes: list[int] = field(default_factory=lambda: [1, 2, 3])
     ensemble_batch: int = 2
     ensemble_steps: int = 3
@@ -966,8 +971,41 @@ def matmul_ceiling_tflops(n: int = 8192, repeats: int = 20) -> float:
     return 2 * n**3 * repeats / (time.perf_counter() - started) / 1e12
 
 
-def bench_gpu(batch_sizes: Sequence[int], steps: int = 50, *, repeats: int = 3, warmup: int = 1) -> list[GpuResult]:
-    """HTSAT-base bf16 PGD on CUDA, batch size sweep (stops at the first out-of-memory)."""
+def gpu_embed(model: Any, view: Any, mode: str) -> Callable[[Any, Any], Any]:
+    """pgd's embed through `model` run eagerly, `torch.compile`d, or compiled with CUDA graphs
+    (mode="reduce-overhead": one graph replay per forward and per backward instead of thousands of
+    kernel launches). Graph outputs live in buffers the next replay overwrites, so that mode marks
+    each call as a new step and hands pgd a copy ([b, 512], negligible)."""
+    import torch
+
+    if mode not in GPU_MODES:
+        raise ValueError(f"unknown GPU mode {mode!r}; expected one of {', '.join(GPU_MODES)}")
+    forward = model
+    if mode == "compiled":
+        forward = torch.compile(model)
+    elif mode == "cudagraphs":
+        forward = torch.compile(model, mode="reduce-overhead")
+
+    def embed(x_rows: Any, _rows: Any) -> Any:
+        if mode != "cudagraphs":
+            return forward(view(x_rows))
+        torch.compiler.cudagraph_mark_step_begin()
+        return forward(view(x_rows)).clone()
+
+    return embed
+
+
+def bench_gpu(
+    batch_sizes: Sequence[int],
+    steps: int = 50,
+    *,
+    modes: Sequence[str] = GPU_MODES,
+    repeats: int = 3,
+    warmup: int = 1,
+) -> list[GpuResult]:
+    """HTSAT-base bf16 PGD on CUDA: an eager batch-size sweep (stops at the first out-of-memory),
+    then the other `modes` at the eager sweep's fastest batch. A compiled mode's first call (2 PGD
+    steps: compiling and capturing the no-grad and the gradient graphs) is timed on its own."""
     import torch
 
     from pipeline.encoder import ClapView, load_encoder
@@ -979,27 +1017,42 @@ def bench_gpu(batch_sizes: Sequence[int], steps: int = 50, *, repeats: int = 3, 
     view = ClapView(CLAP_RATE).to(dev)
     sync = _sync_for(dev)
     params = attack_params(steps, "bf16")
+    short = attack_params(min(steps, 2), "bf16")
     base = torch.stack([clip_48k(i) for i in range(8)])
 
-    def embed(x_rows: torch.Tensor, _rows: torch.Tensor) -> torch.Tensor:
-        return loaded.model(view(x_rows))
+    def run_case(batch: int, mode: str) -> GpuResult:
+        x = base[torch.arange(batch) % base.shape[0]][:, None, :].to(dev)
+        try:
+            embed = gpu_embed(loaded.model, view, mode)
+            compile_seconds = 0.0
+            if mode != "eager":
+                started = time.perf_counter()
+                pgd(embed, x, short, generator=torch.Generator().manual_seed(0))
+                if sync is not None:
+                    sync()
+                compile_seconds = time.perf_counter() - started
+                log(f"gpu B={batch} {mode}: first call {compile_seconds:.1f} s")
+            seconds = median_seconds(
+                lambda: pgd(embed, x, params, generator=torch.Generator().manual_seed(0)), repeats, warmup, sync
+            )
+        except torch.cuda.OutOfMemoryError as exc:
+            torch.cuda.empty_cache()
+            return GpuResult(batch, steps, "bf16", float("nan"), ceiling, f"out of memory: {exc}"[:80], mode)
+        log(f"gpu B={batch} {mode}: {batch / seconds:.2f} windows/s")
+        return GpuResult(batch, steps, "bf16", seconds, ceiling, mode=mode, compile_seconds=compile_seconds)
 
     results = []
     for batch in batch_sizes:
-        x = base[torch.arange(batch) % base.shape[0]][:, None, :].to(dev)
-        try:
-            seconds = median_seconds(
-                lambda x=x: pgd(embed, x, params, generator=torch.Generator().manual_seed(0)),
-                repeats,
-                warmup,
-                sync,
-            )
-            results.append(GpuResult(batch, steps, "bf16", seconds, ceiling))
-            log(f"gpu B={batch}: {batch / seconds:.2f} windows/s")
-        except torch.cuda.OutOfMemoryError as exc:
-            results.append(GpuResult(batch, steps, "bf16", float("nan"), ceiling, error=f"out of memory: {exc}"[:80]))
-            torch.cuda.empty_cache()
+        results.append(run_case(batch, "eager"))
+        if results[-1].error:
             break
+    measured = [r for r in results if not r.error]
+    if not measured:
+        return results
+    best = max(measured, key=lambda r: r.windows_per_s).batch
+    for mode in modes:
+        if mode != "eager":
+            results.append(run_case(best, mode))
     return results
 
 
@@ -1214,7 +1267,11 @@ def run_benchmark(settings: BenchSettings, command: str = "") -> BenchReport:
     if "gpu" in parts:
         if torch.cuda.is_available():
             report.gpu = bench_gpu(
-                settings.gpu_batch_sizes, settings.gpu_steps, repeats=settings.repeats, warmup=settings.warmup
+                settings.gpu_batch_sizes,
+                settings.gpu_steps,
+                modes=settings.gpu_modes,
+                repeats=settings.repeats,
+                warmup=settings.warmup,
             )
             report.gpu_note = f"GPU: {torch.cuda.get_device_name(0)}"
         else:
@@ -1525,9 +1582,11 @@ def render_tables(report: BenchReport) -> str:
     if report.gpu:
         rows = [
             [
+                g.mode,
                 g.batch,
                 g.steps,
                 g.precision,
+                _f(g.compile_seconds, 1) if g.mode != "eager" else "–",
                 _f(g.seconds, 3) if not g.error else g.error,
                 _f(g.windows_per_s, 2),
                 _f(g.realtime, 0),
@@ -1541,9 +1600,11 @@ def render_tables(report: BenchReport) -> str:
         out.append(
             _table(
                 [
+                    "mode",
                     "batch",
                     "steps",
                     "precision",
+                    "first call s",
                     "s / call",
                     "windows/s",
                     "× realtime",
@@ -1675,6 +1736,10 @@ def render_markdown(report: BenchReport) -> str:
         "- Ensemble: `pgd` with `TrackProtector([random:<amodel>:0, …, random:<amodel>:k−1], "
         "ensemble='mean')`'s embed and distance, k = `--ensemble-sizes` (default 1,2,3), batch "
         "`--ensemble-batch`, `--ensemble-steps` steps, each k in its own process (`--ensemble-child`).",
+        "- GPU: HTSAT-base, bf16 autocast, `--gpu-steps` (default 50). `eager` sweeps `--gpu-batch-sizes` "
+        "(default 8,16,32,64; stops at the first out-of-memory); `compiled` (`torch.compile`) and "
+        "`cudagraphs` (`torch.compile(mode='reduce-overhead')`) run at eager's fastest batch, their first "
+        "call (2 steps: compiling and graph capture) timed apart. `--gpu-modes eager` skips the compiles.",
         "",
     ]
     return "\n".join(parts)
@@ -1733,6 +1798,13 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--memory-steps", type=int, default=1, help="PGD steps in the memory case (default 1)")
     p.add_argument("--gpu-batch-sizes", type=_csv(int), help="GPU sweep (default 8,16,32,64)")
     p.add_argument("--gpu-steps", type=int, help="GPU PGD steps (default 50)")
+    p.add_argument(
+        "--gpu-modes",
+        type=_csv(str),
+        default=list(GPU_MODES),
+        help="GPU modes: eager sweeps the batch sizes; compiled / cudagraphs run at its fastest batch "
+        "(default eager,compiled,cudagraphs)",
+    )
     p.add_argument("--ensemble-sizes", type=_csv(int), help="encoders per ensemble (default 1,2,3)")
     p.add_argument("--ensemble-batch", type=int, help="windows per batch in the ensemble part (default 2; quick 1)")
     p.add_argument("--ensemble-steps", type=int, help="PGD steps in the ensemble part (default 3; quick 2)")
@@ -1800,6 +1872,7 @@ def settings_from_args(args: argparse.Namespace) -> BenchSettings:
         memory_steps=args.memory_steps,
         gpu_batch_sizes=pick("gpu_batch_sizes"),
         gpu_steps=pick("gpu_steps"),
+        gpu_modes=args.gpu_modes,
         ensemble_sizes=args.ensemble_sizes or [1, 2, 3],
         ensemble_batch=pick("ensemble_batch"),
         ensemble_steps=pick("ensemble_steps"),
@@ -1810,6 +1883,7 @@ def settings_from_args(args: argparse.Namespace) -> BenchSettings:
     bad = [p for p in (*settings.precisions, *settings.pipeline_precisions) if p not in ("fp32", "bf16", "fp16")]
     unknown = [p for p in settings.parts if p not in PARTS]
     unknown += [p for p in settings.pipeline_placements if p not in PLACEMENTS]
+    unknown += [m for m in settings.gpu_modes if m not in GPU_MODES]
     if (
         bad
         or unknown
@@ -1820,7 +1894,7 @@ def settings_from_args(args: argparse.Namespace) -> BenchSettings:
     ):
         raise ValueError(
             f"invalid settings: precisions {bad or 'ok'}, parts/placements {unknown or 'ok'} "
-            f"(known {', '.join(PARTS)}; {', '.join(PLACEMENTS)}), "
+            f"(known {', '.join(PARTS)}; {', '.join(PLACEMENTS)}; {', '.join(GPU_MODES)}), "
             "steps ≥ 0, batch sizes ≥ 1, pipeline tracks ≥ 1, pipeline repeats ≥ 1"
         )
     if min(settings.ensemble_sizes) < 1 or settings.ensemble_batch < 1 or settings.ensemble_steps < 1:

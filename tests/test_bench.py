@@ -93,6 +93,52 @@ def test_render_from_synthetic_results():
     assert report.to_dict()["pipeline"][0]["efficiency"] == pytest.approx(0.8)
 
 
+def test_gpu_section_renders_every_mode():
+    settings = bench.settings_from_args(bench.build_parser().parse_args(["--gpu-modes", "eager,cudagraphs"]))
+    assert settings.gpu_modes == ["eager", "cudagraphs"]
+    with pytest.raises(ValueError):
+        bench.settings_from_args(bench.build_parser().parse_args(["--gpu-modes", "eager,graphs"]))
+    report = bench.BenchReport(settings=settings, machine={"GPU": "test"}, command="c", date="d")
+    report.gpu_note = "GPU: test card"
+    report.gpu = [
+        bench.GpuResult(8, 50, "bf16", 2.0, 600.0),
+        bench.GpuResult(16, 50, "bf16", float("nan"), 600.0, error="out of memory: x"),
+        bench.GpuResult(8, 50, "bf16", 1.0, 600.0, mode="cudagraphs", compile_seconds=42.0),
+    ]
+    assert report.gpu[2].windows_per_s == pytest.approx(8.0) and report.gpu[2].realtime == pytest.approx(80.0)
+    text = bench.render_tables(report)
+    gpu_rows = [line for line in text.splitlines() if line.startswith(("| eager", "| cudagraphs"))]
+    assert len(gpu_rows) == 3
+    assert gpu_rows[2].startswith("| cudagraphs | 8 | 50 | bf16 | 42.0 | 1.000 | 8.00 | 80 |")
+    assert "out of memory" in gpu_rows[1]
+
+
+@pytest.mark.parametrize("mode", bench.GPU_MODES)
+def test_gpu_embed_modes_give_eager_pgd(mode):
+    """Each GPU mode's embed (on CPU the CUDA graphs are skipped, the wrapper is not) gives pgd the
+    same δ as the eager model: gradients reach the input through the compiled call and the copy."""
+    import torch
+
+    from pipeline.engine import PGDParams, pgd
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 16), torch.nn.Tanh(), torch.nn.Linear(16, 8))
+    model.requires_grad_(False)
+
+    def view(x):  # [B, 1, 64] -> [B, 64]
+        return x.mean(dim=1)
+
+    x = torch.rand(3, 1, 64) - 0.5
+    params = PGDParams(eps=0.05, alpha=0.01, steps=3, sigma=0.01)
+    expected = pgd(bench.gpu_embed(model, view, "eager"), x, params, generator=torch.Generator().manual_seed(1))
+    got = pgd(bench.gpu_embed(model, view, mode), x, params, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(got.steps, expected.steps)
+    torch.testing.assert_close(got.delta, expected.delta, atol=1e-6, rtol=0)
+    torch.testing.assert_close(got.delta_e, expected.delta_e, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError):
+        bench.gpu_embed(model, view, "graphs")
+
+
 def test_engine_and_baseline_smallest(tiny_encoder):
     engine, forward = bench.bench_engine(
         "HTSAT-tiny", 1, [1], ["fp32"], device="cpu", repeats=1, warmup=0, encoder=tiny_encoder
