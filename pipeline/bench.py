@@ -1824,19 +1824,12 @@ def default_precisions(device: str) -> tuple[list[str], list[str], str]:
     """(engine precisions, pipeline precisions, note) when none are given: fp32 and bf16 where the
     device runs bf16 in hardware, else fp32 alone (emulated bf16 measures the emulation, not the
     engine: ~15× slower than fp32 on an AVX2-only CPU)."""
-    import torch
+    from pipeline.encoder import emulated_precision_note, pick_device
 
-    from pipeline.encoder import native_low_precision, pick_device
-
-    resolved = pick_device(device)
-    if native_low_precision(resolved):
+    slow = emulated_precision_note(pick_device(device), "bf16")
+    if not slow:
         return ["fp32", "bf16"], ["bf16"], ""
-    capability = torch.backends.cpu.get_cpu_capability() if resolved.type == "cpu" else resolved.type
-    note = (
-        f"bf16 left out: {resolved} has no hardware bf16 (CPU capability {capability}), so oneDNN "
-        "emulates it; pass --precisions fp32,bf16 to time the emulation anyway."
-    )
-    return ["fp32"], ["fp32"], note
+    return ["fp32"], ["fp32"], f"bf16 left out: {slow}; pass --precisions fp32,bf16 to time the emulation anyway."
 
 
 def settings_from_args(args: argparse.Namespace) -> BenchSettings:

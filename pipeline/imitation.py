@@ -931,7 +931,7 @@ def run(
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from pipeline.encoder import native_low_precision, pick_device
+    from pipeline.encoder import emulated_precision_note, pick_device
     from pipeline.shards import OutputFolder
 
     hub_offline(cfg)
@@ -945,13 +945,9 @@ def run(
     front = MelFrontEnd(cfg.mel)
     protecting = load_encoder_for(cfg, "protecting")
     device = pick_device(cfg.encoder.device)
-    if "bf16" in (cfg.train.precision, cfg.attack.precision) and not native_low_precision(device):
-        logger.warning(
-            "bf16 on %s without hardware bf16 (CPU capability %s) is emulated, many times slower than fp32 "
-            "(~15x measured on an AVX2 EPYC): set train.precision=fp32 and attack.precision=fp32 here.",
-            device,
-            torch.backends.cpu.get_cpu_capability(),
-        )
+    slow = emulated_precision_note(device, "bf16")
+    if slow and "bf16" in (cfg.train.precision, cfg.attack.precision):
+        logger.warning("%s: set train.precision=fp32 and attack.precision=fp32 here.", slow)
 
     source = "make" if make_catalog_n else "urls"
     data_digest = cfg.digest("catalog", "attack", "mel", "encoder") + f"-{source}-{make_catalog_n}"

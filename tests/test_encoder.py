@@ -188,3 +188,16 @@ def test_view_resamples_to_48k() -> None:
     spectrum = torch.fft.rfft(view[0, 10_000:-10_000]).abs()
     peak_hz = spectrum.argmax().item() * 48_000 / (480_000 - 20_000)
     assert abs(peak_hz - 1000) < 5
+
+
+def test_emulated_precision_note(monkeypatch) -> None:
+    from pipeline import encoder
+
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(encoder, "native_low_precision", lambda device: False)
+    note = encoder.emulated_precision_note(cpu, "bf16")
+    assert note.startswith("bf16 on cpu has no hardware support") and "emulated" in note
+    assert torch.backends.cpu.get_cpu_capability() in note
+    assert encoder.emulated_precision_note(cpu, "fp32") == ""  # fp32 is never emulated
+    monkeypatch.setattr(encoder, "native_low_precision", lambda device: True)
+    assert encoder.emulated_precision_note(cpu, "bf16") == ""

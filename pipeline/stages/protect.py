@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from pipeline.config import PipelineConfig
-from pipeline.encoder import load_configured_encoder, native_low_precision
+from pipeline.encoder import emulated_precision_note, load_configured_encoder, native_low_precision
 from pipeline.engine import PGDParams
 from pipeline.metrics import ActorMetrics, error_kind
 from pipeline.protect import Track, TrackProtector
@@ -26,15 +26,9 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     bf16/fp16 on a device that only emulates it is kept, with a warning."""
     if precision == "auto":
         return "bf16" if device.type == "cuda" and native_low_precision(device) else "fp32"
-    if precision in ("bf16", "fp16") and not native_low_precision(device):
-        logger.warning(
-            "attack.precision=%s on %s without hardware %s support (CPU capability %s): it is emulated "
-            "and runs many times slower than fp32 (~15× measured on an AVX2 EPYC). Use precision auto or fp32.",
-            precision,
-            device,
-            precision,
-            torch.backends.cpu.get_cpu_capability(),
-        )
+    slow = emulated_precision_note(device, precision)
+    if slow:
+        logger.warning("attack.precision=%s: %s. Use attack.precision auto or fp32.", precision, slow)
     return precision
 
 
