@@ -161,3 +161,31 @@ def test_memory_child_process():
     assert result.windows == 3
     assert result.peak_mib >= result.rss_before_mib > 0
     assert result.protect_seconds > 0
+
+
+def test_gpu_benchmark_script_dry_run_on_cpu(tmp_path):
+    """jobs/gpu_benchmark.sh, the prepared GPU lease script, run on the CPU with the smallest
+    settings: both parts write their tables and the log, and the exit status is the parts'."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {
+        **os.environ,
+        "OUT": str(tmp_path),
+        "BENCH_DEVICE": "cpu",
+        "BENCH_WHEELS": "",  # this venv, not wheels fetched for the GPU image's Python
+        "BENCH_ARGS": "--quick --steps 1 --batch-sizes 1 --repeats 1 --warmup 0",
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+    }
+    done = subprocess.run(
+        ["bash", str(root / "jobs" / "gpu_benchmark.sh")], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert {"gpu.md", "gpu.json", "engine.md", "engine.json", "run.log"} <= {p.name for p in tmp_path.iterdir()}
+    assert bench.GPU_NOT_AVAILABLE in (tmp_path / "gpu.md").read_text()
+    engine_page = (tmp_path / "engine.md").read_text()
+    assert "| HTSAT-tiny | fp32 | 1 |" in engine_page and "### Baseline vs engine" in engine_page
+    assert "torch" in (tmp_path / "run.log").read_text()
