@@ -973,8 +973,8 @@ def matmul_ceiling_tflops(n: int = 8192, repeats: int = 20) -> float:
 
 def gpu_embed(model: Any, view: Any, mode: str) -> Callable[[Any, Any], Any]:
     """pgd's embed through `model` run eagerly, `torch.compile`d, or compiled with CUDA graphs
-    (mode="reduce-overhead": one graph replay per forward and per backward instead of thousands of
-    kernel launches). Graph outputs live in buffers the next replay overwrites, so that mode marks
+    (mode="reduce-overhead": one graph replay per forward and per backward instead of a launch per
+    kernel). Graph outputs live in buffers the next replay overwrites, so that mode marks
     each call as a new step and hands pgd a copy ([b, 512], negligible)."""
     import torch
 
