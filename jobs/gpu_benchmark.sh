@@ -37,25 +37,32 @@ fi
 
 OUT="${OUT:-$PWD/bench-gpu}"
 mkdir -p "$OUT"
-exec > >(tee "$OUT/run.log") 2>&1
-export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
-WHEEL_DIR="${BENCH_WHEELS-.whl}"  # empty: use the installed environment as it is
-if [[ -n "$WHEEL_DIR" ]] && compgen -G "$WHEEL_DIR/*.whl" >/dev/null; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$WHEEL_DIR"/*.whl || exit
-    export PYTHONPATH="/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
-fi
-DEVICE="${BENCH_DEVICE:-cuda}"  # cpu: a dry run of this script (with BENCH_ARGS=--quick) where no GPU is
-read -ra EXTRA <<<"${BENCH_ARGS:-}"
-nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv || true
-python3 -c "import torch, numpy; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'numpy', numpy.__version__)" || exit
 
-status=0
-# 1. The GPU section: the issue's target (>= 100 ten-second windows/s, HTSAT-base, 50 steps, bf16).
-timeout "${GPU_PART_SECONDS:-420}" python3 -m pipeline.bench --device "$DEVICE" --parts gpu "${EXTRA[@]}" \
-    --gpu-modes "${GPU_MODES:-eager,compiled,cudagraphs}" --gpu-batch-sizes "${GPU_BATCH_SIZES:-8,16,32,64}" \
-    --out "$OUT/gpu.md" --json "$OUT/gpu.json" || status=$?
-# 2. Engine (fp32 vs bf16, batch 1..4, 5 steps) and the laion-clap baseline on the same GPU.
-timeout "${ENGINE_PART_SECONDS:-150}" python3 -m pipeline.bench --device "$DEVICE" --parts engine,baseline "${EXTRA[@]}" \
-    --out "$OUT/engine.md" --json "$OUT/engine.json" || status=$?
-ls -la "$OUT"
-exit "$status"
+measure() {
+    export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+    WHEEL_DIR="${BENCH_WHEELS-.whl}"  # empty: use the installed environment as it is
+    if [[ -n "$WHEEL_DIR" ]] && compgen -G "$WHEEL_DIR/*.whl" >/dev/null; then
+        python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$WHEEL_DIR"/*.whl || return
+        export PYTHONPATH="/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
+    fi
+    DEVICE="${BENCH_DEVICE:-cuda}"  # cpu: a dry run of this script (with BENCH_ARGS=--quick) where no GPU is
+    read -ra EXTRA <<<"${BENCH_ARGS:-}"
+    nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv || true
+    python3 -c "import torch, numpy; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'numpy', numpy.__version__)" || return
+
+    status=0
+    # 1. The GPU section: the issue's target (>= 100 ten-second windows/s, HTSAT-base, 50 steps, bf16).
+    timeout "${GPU_PART_SECONDS:-420}" python3 -m pipeline.bench --device "$DEVICE" --parts gpu "${EXTRA[@]}" \
+        --gpu-modes "${GPU_MODES:-eager,compiled,cudagraphs}" --gpu-batch-sizes "${GPU_BATCH_SIZES:-8,16,32,64}" \
+        --out "$OUT/gpu.md" --json "$OUT/gpu.json" || status=$?
+    # 2. Engine (fp32 vs bf16, batch 1..4, 5 steps) and the laion-clap baseline on the same GPU.
+    timeout "${ENGINE_PART_SECONDS:-150}" python3 -m pipeline.bench --device "$DEVICE" --parts engine,baseline "${EXTRA[@]}" \
+        --out "$OUT/engine.md" --json "$OUT/engine.json" || status=$?
+    ls -la "$OUT"
+    return "$status"
+}
+
+# The log keeps each case's line ("[bench] gpu B=32 eager: ... windows/s") even where a part
+# overruns its limit before writing its tables.
+measure 2>&1 | tee "$OUT/run.log"
+exit "${PIPESTATUS[0]}"
