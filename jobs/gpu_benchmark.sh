@@ -47,14 +47,16 @@ measure() {
     fi
     DEVICE="${BENCH_DEVICE:-cuda}"  # cpu: a dry run of this script (with BENCH_ARGS=--quick) where no GPU is
     read -ra EXTRA <<<"${BENCH_ARGS:-}"
+    gpu_args=()  # the bench's own defaults unless set here: modes eager,compiled,cudagraphs; batches 8..64
+    [[ -n "${GPU_MODES:-}" ]] && gpu_args+=(--gpu-modes "$GPU_MODES")
+    [[ -n "${GPU_BATCH_SIZES:-}" ]] && gpu_args+=(--gpu-batch-sizes "$GPU_BATCH_SIZES")
     nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv || true
     python3 -c "import torch, numpy; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'numpy', numpy.__version__)" || return
 
     status=0
     # 1. The GPU section: the issue's target (>= 100 ten-second windows/s, HTSAT-base, 50 steps, bf16).
     timeout "${GPU_PART_SECONDS:-420}" python3 -m pipeline.bench --device "$DEVICE" --parts gpu "${EXTRA[@]}" \
-        --gpu-modes "${GPU_MODES:-eager,compiled,cudagraphs}" --gpu-batch-sizes "${GPU_BATCH_SIZES:-8,16,32,64}" \
-        --out "$OUT/gpu.md" --json "$OUT/gpu.json" || status=$?
+        "${gpu_args[@]}" --out "$OUT/gpu.md" --json "$OUT/gpu.json" || status=$?
     # 2. Engine (fp32 vs bf16, batch 1..4, 5 steps) and the laion-clap baseline on the same GPU.
     timeout "${ENGINE_PART_SECONDS:-150}" python3 -m pipeline.bench --device "$DEVICE" --parts engine,baseline "${EXTRA[@]}" \
         --out "$OUT/engine.md" --json "$OUT/engine.json" || status=$?
