@@ -56,6 +56,12 @@ class ManifestRow:
     segsnr_db: float = float("nan")  # segmental SNR over 20 ms frames, each clamped to [-10, 35] dB
     pesq_wb: float = float("nan")  # wide-band PESQ (16 kHz mono; a speech metric, NaN when off)
     stoi: float = float("nan")  # STOI (16 kHz mono; a speech metric, NaN when off)
+    # ViSQOL v3 audio mode, MOS-LQO 1-4.73 (48 kHz mono, protected vs clean): the worst (minimum) over
+    # the item's scored excerpts; NaN unless visqol_measured (quality.visqol measures a share of items).
+    visqol_moslqo: float = float("nan")
+    visqol_measured: bool = False  # whether ViSQOL scored at least one excerpt of this item
+    visqol_excerpt_starts_s: list[float] = field(default_factory=list)  # start of each scored excerpt, s
+    visqol_excerpt_moslqo: list[float] = field(default_factory=list)  # MOS-LQO of each (same order)
     mask_energy_above: float = float("nan")  # share of δ's energy above the clean signal's masking threshold
     nmr_db: float = float("nan")  # noise-to-mask ratio, dB (< 0: δ under the threshold on average)
     delta_e_by_encoder: dict[str, float] = field(default_factory=dict)  # encoder id -> mean Δe (ensembles)
@@ -77,6 +83,9 @@ class ManifestRow:
         kwargs["status"] = SampleStatus(kwargs["status"])
         if isinstance(kwargs.get("delta_e_by_encoder"), list):  # Arrow maps read back as pairs
             kwargs["delta_e_by_encoder"] = dict(kwargs["delta_e_by_encoder"])
+        for name in ("visqol_excerpt_starts_s", "visqol_excerpt_moslqo"):
+            if kwargs.get(name) is not None:  # Arrow lists may read back as numpy arrays
+                kwargs[name] = [float(v) for v in kwargs[name]]
         return cls(**kwargs)
 
 
@@ -107,6 +116,10 @@ MANIFEST_SCHEMA = pa.schema(
         ("segsnr_db", pa.float64()),
         ("pesq_wb", pa.float64()),
         ("stoi", pa.float64()),
+        ("visqol_moslqo", pa.float64()),
+        ("visqol_measured", pa.bool_()),
+        ("visqol_excerpt_starts_s", pa.list_(pa.float64())),
+        ("visqol_excerpt_moslqo", pa.list_(pa.float64())),
         ("mask_energy_above", pa.float64()),
         ("nmr_db", pa.float64()),
         ("delta_e_by_encoder", pa.map_(pa.string(), pa.float64())),

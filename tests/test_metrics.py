@@ -229,6 +229,7 @@ def test_driver_endpoint_during_a_real_run_matches_manifests(tmp_path, ray_sessi
             "io": {"input": str(tmp_path / "in"), "output": str(tmp_path / "out")},
             "encoder": {"checkpoint": "random:HTSAT-tiny:0", "device": "cpu"},
             "attack": {"steps": 1, "precision": "fp32"},
+            "quality": {"visqol": "off"},  # not what this test checks (tests/test_visqol.py, test_segments.py)
             "runtime": {"tracks_per_call": 1, "batch_windows": 2, "progress": False},
         }
     )

@@ -60,6 +60,11 @@ def _protect_segment(row: dict, sign: float, seed: int) -> dict:
         "pesq_wb": float("nan"),
         "stoi": 0.99,
         R.DELTA_E_BY_ENCODER: json.dumps({"enc": 0.1 * (seed + 1)}),
+        # ViSQOL: segment 0 scored two excerpts, segment 1 none, segment 2 one.
+        "visqol_moslqo": {0: 4.2, 2: 3.9}.get(seed, float("nan")),
+        R.VISQOL_MEASURED: seed in (0, 2),
+        R.VISQOL_STARTS: json.dumps({0: [1.0, 6.0], 2: [19.0]}.get(seed, [])),
+        R.VISQOL_SCORES: json.dumps({0: [4.5, 4.2], 2: [3.9]}.get(seed, [])),
     }
 
 
@@ -115,7 +120,18 @@ def test_assemble_keeps_the_bound_the_grid_and_each_segments_delta(track):
     assert out["delta_e_mean"] == pytest.approx(float(np.dot(weights, [0.1, 0.2, 0.3]) / weights.sum()))
     assert json.loads(out[R.DELTA_E_BY_ENCODER])["enc"] == pytest.approx(out["delta_e_mean"])
     assert np.isnan(out["pesq_wb"]) and out["stoi"] == pytest.approx(0.99)
+    # ViSQOL: the worst scored excerpt over the segments, measured if any was, excerpts in track order.
+    assert out["visqol_moslqo"] == pytest.approx(3.9) and out[R.VISQOL_MEASURED]
+    assert R.visqol_lists(out) == ([1.0, 6.0, 19.0], [4.5, 4.2, 3.9])
     assert out["linf"] == pytest.approx(float(np.abs(delta).max()))
+
+
+def test_visqol_merge_of_unmeasured_segments_is_nan_and_unmeasured():
+    from pipeline.stages.segments import combine_visqol
+
+    unmeasured = {"visqol_moslqo": float("nan"), R.VISQOL_MEASURED: False, R.VISQOL_STARTS: "[]", R.VISQOL_SCORES: "[]"}
+    out = combine_visqol([unmeasured, dict(unmeasured), {}])  # {}: a row from before the quality stage
+    assert np.isnan(out["visqol_moslqo"]) and not out[R.VISQOL_MEASURED] and R.visqol_lists(out) == ([], [])
 
 
 def test_a_failed_segment_fails_the_track_with_its_message(track):
@@ -128,15 +144,17 @@ def test_a_failed_segment_fails_the_track_with_its_message(track):
     assert out[R.PCM] == b""
 
 
-def _long_shard(folder):
+def _long_shard(folder, skipped: bool = False):
     from conftest import audio_bytes, write_shard
 
+    extra = [("skipped.wav", audio_bytes(1.5, 16000, 1, "WAV", "PCM_16", seed=7))] if skipped else []
     return write_shard(
         folder / "long.tar",
         [
             ("long.flac", audio_bytes(13.0, 16000, 2, "FLAC", "PCM_16", seed=5)),
             ("long.json", b'{"title": "long"}'),
             ("short.wav", audio_bytes(1.0, 16000, 1, "WAV", "PCM_16", seed=6)),
+            *extra,
         ],
     )
 
@@ -177,21 +195,25 @@ def test_pipeline_protects_a_long_track_as_segments(tmp_path, ray_session):
 
     from pipeline.audio import decode
     from pipeline.config import config_from_dict
+    from pipeline.quality import visqol_selected
     from pipeline.stages.pipeline import run
 
-    shard = _long_shard(tmp_path / "in")
+    shard = _long_shard(tmp_path / "in", skipped=True)
+    # ViSQOL on a hash sample of half the items: "long" and "short" are in it, "skipped" is not.
+    assert [visqol_selected(k, "sample", 0.5) for k in ("long", "short", "skipped")] == [True, True, False]
+    visqol = {"visqol": "sample", "visqol_share": 0.5, "visqol_excerpt_seconds": 3.0, "visqol_excerpts": 3}
     cfg = config_from_dict(
         {
             "io": {"input": str(tmp_path / "in"), "output": str(tmp_path / "out")},
             "encoder": {"checkpoint": "random:HTSAT-tiny:0", "device": "cpu"},
             "attack": {"eps": EPS, "steps": 1, "precision": "fp32"},
             "audio": {"window_seconds": 2.0, "overlap_seconds": 0.5, "segment_seconds": 5.0},
-            "quality": {"pesq": False, "stoi": False},
+            "quality": {"pesq": False, "stoi": False, **visqol},
             "runtime": {"tracks_per_call": 2, "batch_windows": 4, "progress": False, "torch_threads": 2},
         }
     )
     summary = run(cfg)
-    assert (summary.this_run.items, summary.this_run.ok, summary.this_run.error) == (2, 2, 0)
+    assert (summary.this_run.items, summary.this_run.ok, summary.this_run.error) == (3, 3, 0)
     manifest = {r["key"]: r for r in pq.read_table(tmp_path / "out" / "long.parquet").to_pylist()}
     # 13 s in segments of 5 s (starts 0, 4.5, 8 s), each 3 windows of 2 s.
     assert manifest["long"]["n_windows"] == 9 and manifest["short"]["n_windows"] == 1
@@ -204,3 +226,14 @@ def test_pipeline_protects_a_long_track_as_segments(tmp_path, ray_session):
     delta = protected.samples.astype(np.float64) - clean.samples
     assert 0 < np.abs(delta).max() <= EPS + 1e-7
     assert np.abs(delta[8 * 16000 :]).max() > 0  # the last segment was protected too
+
+    # ViSQOL: three 3 s excerpts spread over the 13 s track, each measured by the segment holding
+    # it (segments start at 0, 4.5 and 8 s); the track's figure is the worst of them.
+    long, short, skipped = manifest["long"], manifest["short"], manifest["skipped"]
+    assert long["visqol_measured"] and long["visqol_excerpt_starts_s"] == pytest.approx([10 / 6, 5.0, 50 / 6], abs=1e-4)
+    assert len(long["visqol_excerpt_moslqo"]) == 3 and long["visqol_moslqo"] == min(long["visqol_excerpt_moslqo"])
+    assert 1.0 <= long["visqol_moslqo"] <= 4.74
+    assert short["visqol_measured"] and short["visqol_excerpt_starts_s"] == [0.0]  # 1 s: the whole item
+    assert 1.0 <= short["visqol_moslqo"] <= 4.74
+    assert not skipped["visqol_measured"] and np.isnan(skipped["visqol_moslqo"])
+    assert skipped["visqol_excerpt_starts_s"] == [] and np.isfinite(skipped["segsnr_db"])

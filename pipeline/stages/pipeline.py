@@ -1,5 +1,6 @@
 """Wire the stages into one streaming Ray Data job: pending shard URLs -> read (CPU) -> protect
-(actor pool with the encoder) -> encode (CPU) -> shard writer (one actor) -> per-shard summaries."""
+(actor pool with the encoder) -> quality (CPU: SNR, PESQ, STOI, ViSQOL) -> encode (CPU) -> shard
+writer (one actor) -> per-shard summaries."""
 
 from __future__ import annotations
 
@@ -164,7 +165,19 @@ def build_dataset(cfg: PipelineConfig, pending: list[ShardRef]) -> Any:
     q = cfg.quality
     ds = ds.map_batches(
         quality_batch,
-        fn_kwargs={"settings": QualitySettings(segsnr=q.segsnr, pesq=q.pesq, stoi=q.stoi)},
+        fn_kwargs={
+            "settings": QualitySettings(
+                segsnr=q.segsnr,
+                pesq=q.pesq,
+                stoi=q.stoi,
+                visqol=q.visqol,
+                visqol_share=q.visqol_share,
+                visqol_excerpt_seconds=q.visqol_excerpt_seconds,
+                visqol_excerpts=q.visqol_excerpts,
+                segment_seconds=cfg.audio.segment_seconds,
+                overlap_seconds=cfg.audio.overlap_seconds,
+            )
+        },
         batch_size=1,
         num_cpus=rt.io_cpus,
         batch_format="numpy",

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import math
 from typing import Any
 
 import numpy as np
@@ -33,12 +35,19 @@ STATS = (  # per-item figures filled by the protect and quality stages, copied i
     "segsnr_db",
     "pesq_wb",
     "stoi",
+    "visqol_moslqo",
     "mask_energy_above",
     "nmr_db",
     "objective",
     "steps_mean",
     "seconds",
 )
+# Filled by the quality stage for every row (stages/quality.py): whether ViSQOL scored the item, and
+# where each scored excerpt starts (seconds in the track) with its MOS-LQO, as JSON lists of floats
+# (plain str columns: an all-empty batch of Arrow lists would have no value type).
+VISQOL_MEASURED = "visqol_measured"
+VISQOL_STARTS, VISQOL_SCORES = "visqol_excerpt_starts_s", "visqol_excerpt_moslqo"
+VISQOL = (VISQOL_MEASURED, VISQOL_STARTS, VISQOL_SCORES)
 DELTA_E_BY_ENCODER = "delta_e_by_encoder"  # JSON object: encoder id -> mean Δe (an ensemble has several)
 ENCODER_ID = "encoder_id"
 
@@ -67,3 +76,13 @@ def batch_to_rows(batch: dict[str, Any]) -> list[dict[str, Any]]:
 def rows_to_batch(rows: list[dict[str, Any]], columns: list[str]) -> dict[str, Any]:
     """List of row dicts -> column batch with exactly `columns` (lists; Ray builds Arrow from them)."""
     return {c: [row.get(c) for row in rows] for c in columns}
+
+
+def visqol_lists(row: dict[str, Any]) -> tuple[list[float], list[float]]:
+    """A row's ViSQOL excerpts: (starts in the track, seconds; their MOS-LQO), from its JSON columns
+    (both empty when absent or malformed)."""
+    starts = [float(v) for v in json.loads(row.get(VISQOL_STARTS) or "[]")]
+    scores = [float(v) for v in json.loads(row.get(VISQOL_SCORES) or "[]")]
+    if len(starts) != len(scores) or not all(math.isfinite(v) for v in (*starts, *scores)):
+        return [], []
+    return starts, scores

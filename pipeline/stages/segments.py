@@ -6,9 +6,12 @@ Each segment row is protected like a track of its own. The shard writer gathers 
 a track and crossfades the protected segments back together with `windows.crossfade_weights`
 (a convex combination, so |x' − x| ≤ ε still holds), puts the result back on the output grid and
 encodes it. Per-window figures (Δe, steps, masking) are combined weighted by window count;
-quality figures (segmental SNR, PESQ, STOI) weighted by segment duration; L∞/L2/SNR are measured
-again on the assembled track. Windows inside the crossfades were measured by their segment before
-the crossfade (a documented approximation; they are ~1 s of every `segment_seconds`).
+quality figures (segmental SNR, PESQ, STOI) weighted by segment duration; ViSQOL's MOS-LQO is the
+minimum over the segments that scored an excerpt (each excerpt of the track is scored by one
+segment, stages/quality.py), and the track counts as measured if any segment was; L∞/L2/SNR are
+measured again on the assembled track. Windows and excerpts inside the crossfades were measured by
+their segment before the crossfade (a documented approximation; the crossfades are ~1 s of every
+`segment_seconds`).
 
 Plain numpy: no Ray here. The writer (stages/write.py) calls :func:`assemble`.
 """
@@ -167,6 +170,7 @@ def combine_figures(rows: list[dict[str, Any]]) -> dict[str, Any]:
         out[name] = _weighted([float(r[name]) for r in rows], windows)
     for name in DURATION_WEIGHTED:
         out[name] = _weighted([float(r[name]) for r in rows], durations)
+    out.update(combine_visqol(rows))
     by_encoder: dict[str, list[float]] = {}
     for row in rows:
         for encoder_id, value in json.loads(row.get(R.DELTA_E_BY_ENCODER) or "{}").items():
@@ -175,6 +179,20 @@ def combine_figures(rows: list[dict[str, Any]]) -> dict[str, Any]:
         {k: _weighted(v, windows) for k, v in by_encoder.items() if len(v) == len(rows)}, sort_keys=True
     )
     return out
+
+
+def combine_visqol(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """The track's ViSQOL columns from its segments': the worst (minimum) finite MOS-LQO, measured
+    if any segment was, and every scored excerpt in track order."""
+    scores = [float(r.get("visqol_moslqo", float("nan"))) for r in rows]
+    finite = [v for v in scores if math.isfinite(v)]
+    excerpts = sorted(pair for r in rows for pair in zip(*R.visqol_lists(r)))
+    return {
+        "visqol_moslqo": min(finite) if finite else float("nan"),
+        R.VISQOL_MEASURED: any(bool(r.get(R.VISQOL_MEASURED, False)) for r in rows),
+        R.VISQOL_STARTS: json.dumps([start for start, _ in excerpts]),
+        R.VISQOL_SCORES: json.dumps([score for _, score in excerpts]),
+    }
 
 
 def _weighted(values: list[float], weights: np.ndarray) -> float:

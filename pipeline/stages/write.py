@@ -117,6 +117,10 @@ def shard_outputs(
             for name in R.STATS:
                 setattr(entry, name, int(row[name]) if name == "n_windows" else float(row[name]))
             entry.delta_e_by_encoder = json.loads(row.get(R.DELTA_E_BY_ENCODER) or "{}")
+            entry.visqol_excerpt_starts_s, entry.visqol_excerpt_moslqo = R.visqol_lists(row)
+            entry.visqol_measured = bool(row.get(R.VISQOL_MEASURED, False)) and bool(entry.visqol_excerpt_moslqo)
+            if not entry.visqol_measured:
+                entry.visqol_moslqo = float("nan")
             key, _ = split_name(names[audio])
             entry.output_member = f"{key}.{_replace_last(split_name(names[audio])[1], row[R.OUT_EXT])}"
             entry.output_format = output_format(row).label
