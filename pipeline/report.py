@@ -2,13 +2,15 @@
 
 Reads every `<shard>.parquet` manifest and `<shard>.stats.json` marker under an output folder (local
 or s3://), plus `_config.yaml`, `robustness.parquet` / `robustness.md` when present, and writes an
-HTML file with its PNG figures embedded (base64): Δe against the target, quality distributions,
-slowest and worst items, errors by kind, and (with `--clean`) clean vs protected spectrograms and
-the spectrum of δ for a few items. Nothing is fetched from the network by the page itself.
+HTML file with its PNG figures and audio clips embedded (base64): Δe against the target, ViSQOL
+MOS-LQO against its target, quality distributions, slowest and worst items, errors by kind, and,
+from the clean input (the run's `_config.yaml` io.input, or `--clean`), clean vs protected
+spectrograms with the spectrum of δ and A/B players (short FLAC clips) of the lowest-MOS-LQO and
+lowest-Δe items. Nothing is fetched from the network by the page itself.
 
 Example::
 
-    unlearnable report --output s3://bucket/protected/ --clean s3://bucket/catalog/ \
+    unlearnable report --output s3://bucket/protected/ \
         --endpoint-url http://127.0.0.1:8333 --addressing-style path --out report.html
 """
 
@@ -25,7 +27,7 @@ import posixpath
 import sys
 import tarfile
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -61,12 +63,28 @@ QUALITY_LABELS = {
     "delta_e_musicldm": "Δe through MusicLDM's view",
     "mask_energy_above": "share of δ energy above the masking threshold",
     "steps_mean": "PGD steps per window",
-    "pesq_wb": "PESQ wide-band",
-    "stoi": "STOI",
+    "pesq_wb": "PESQ wide-band (a speech metric)",
+    "stoi": "STOI (a speech metric)",
     "nmr_db": "noise-to-mask ratio (dB)",
     "seconds": "accelerator seconds per item",
 }
-NOT_QUALITY = {"delta_e_mean", "delta_e_min", "duration_s", "sample_rate", "channels", "n_windows", "seconds"}
+# ViSQOL has its own section (target lines, measured share): not repeated among the quality plots.
+NOT_QUALITY = {
+    "delta_e_mean",
+    "delta_e_min",
+    "duration_s",
+    "sample_rate",
+    "channels",
+    "n_windows",
+    "seconds",
+    "visqol_moslqo",
+}
+MOS_TARGET = 4.0  # ViSQOL MOS-LQO an item should reach (issue 15: imperceptible by measurement)
+MOS_HIGH = 4.5  # marked too: near ViSQOL v3's ceiling of 4.73 for an identical copy
+MOS_CEILING = 4.73
+CLIP_SECONDS = 6.0  # length of each A/B clip
+LISTEN_ITEMS = 3  # items per listening list (lowest MOS-LQO, lowest Δe)
+LISTEN_BUDGET_BYTES = 12_000_000  # FLAC bytes of all clips together (the page grows by 4/3 of it)
 MANIFEST_NAMES = set(MANIFEST_SCHEMA.names)
 SPECTRO_SECONDS = 20.0  # only the first seconds of a track go into its spectrograms
 CLAP_FMAX = 14_000.0  # CLAP's mel front end stops here
@@ -104,6 +122,41 @@ class OutputData:
             return float(value) if value is not None else DEFAULT_TARGET
         except (TypeError, ValueError):
             return DEFAULT_TARGET
+
+    @property
+    def clean_input(self) -> str | None:
+        """The run's input shards, as its `_config.yaml` names them (io.input); None if unknown."""
+        value = (self.config.get("io") or {}).get("input")
+        return str(value) if value else None
+
+    @property
+    def visqol_excerpt_seconds(self) -> float:
+        value = (self.config.get("quality") or {}).get("visqol_excerpt_seconds")
+        try:
+            return float(value) if value is not None else 10.0
+        except (TypeError, ValueError):
+            return 10.0
+
+    def floats(self, name: str) -> np.ndarray:
+        """A numeric column as float64 (NaN for nulls; all NaN when no manifest has the column)."""
+        values = self.columns.get(name)
+        if values is None:
+            return np.full(self.n_rows, np.nan)
+        return np.array([np.nan if v is None else float(v) for v in values], dtype=float)
+
+    def flags(self, name: str) -> np.ndarray:
+        """A bool column (False for nulls and for manifests without the column)."""
+        values = self.columns.get(name)
+        if values is None:
+            return np.zeros(self.n_rows, dtype=bool)
+        return np.array([bool(v) if v is not None else False for v in values], dtype=bool)
+
+    def lists(self, name: str) -> list[list[float]]:
+        """A list<float> column as Python lists ([] for nulls and missing columns)."""
+        values = self.columns.get(name)
+        if values is None:
+            return [[] for _ in range(self.n_rows)]
+        return [[float(x) for x in v] if v is not None else [] for v in values]
 
     @property
     def encoder_ids(self) -> list[str]:
@@ -244,6 +297,28 @@ def delta_e_figure(mean: np.ndarray, minimum: np.ndarray, target: float) -> str:
     return _png(fig)
 
 
+def mos_figure(moslqo: np.ndarray, measured: int, total: int) -> str:
+    """Histogram of per-item ViSQOL MOS-LQO with the target (4.0) and 4.5 marked."""
+    from matplotlib.ticker import MaxNLocator
+
+    fig = _figure(12, 3.4)
+    ax = fig.add_subplot()
+    values = _finite(moslqo)
+    low = min(3.0, float(np.floor(np.min(values, initial=3.0) * 4) / 4))
+    ax.hist(values, bins=np.arange(low, MOS_CEILING + 0.05, 0.05), color="#75507b", alpha=0.85,
+            label=f"MOS-LQO per item (worst excerpt)\n{measured:,} of {total:,} ok items measured")  # fmt: skip
+    ax.axvline(MOS_TARGET, color="black", linestyle="--", linewidth=1.4, label=f"target {MOS_TARGET:g}")
+    ax.axvline(MOS_HIGH, color="gray", linestyle=":", linewidth=1.4, label=f"{MOS_HIGH:g}")
+    ax.axvline(MOS_CEILING, color="#4e9a06", linewidth=1, label=f"identical copy ({MOS_CEILING:g})")
+    ax.set_xlim(low, MOS_CEILING + 0.07)
+    ax.set_xlabel("ViSQOL v3 audio mode MOS-LQO (48 kHz mono, protected vs clean)")
+    ax.set_ylabel("items")
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)  # outside: never over a bar
+    ax.grid(alpha=0.3)
+    return _png(fig)
+
+
 def quality_figure(columns: dict[str, np.ndarray], names: list[str]) -> str:
     from matplotlib.ticker import MaxNLocator
 
@@ -355,6 +430,9 @@ img { max-width: 100%; height: auto; display: block; margin: 8px 0; }
 .card .v { font-size: 1.35em; font-weight: 600; } .card .k { color: #666; font-size: 0.82em; }
 code, pre { font-family: "DejaVu Sans Mono", monospace; font-size: 0.85em; }
 pre { background: #f6f6f6; padding: 8px; overflow-x: auto; }
+.ab { display: flex; flex-wrap: wrap; gap: 18px; align-items: center; margin: 4px 0 14px; }
+.ab div { display: flex; align-items: center; gap: 8px; }
+.ab .label { font-weight: 600; min-width: 7.5em; }
 """
 
 
@@ -454,7 +532,7 @@ def _error_kind(message: str) -> str:
 
 @dataclass
 class Example:
-    """One item shown with spectrograms."""
+    """One item shown with spectrograms or A/B players."""
 
     shard_id: str
     key: str
@@ -463,14 +541,34 @@ class Example:
     delta_e: float
     snr_db: float
     why: str
+    moslqo: float = float("nan")
+    clip_start_s: float | None = None  # A/B clip start in the track, seconds (None: the middle)
+
+
+def _example(data: OutputData, idx: int, why: str, clip_start_s: float | None = None) -> Example:
+    c = data.columns
+    return Example(
+        shard_id=str(c["shard_id"][idx]),
+        key=str(c["key"][idx]),
+        input_member=str(c["input_member"][idx]),
+        output_member=str(c["output_member"][idx]),
+        delta_e=float(c["delta_e_mean"][idx]),
+        snr_db=float(c["snr_db"][idx]),
+        why=why,
+        moslqo=float(data.floats("visqol_moslqo")[idx]),
+        clip_start_s=clip_start_s,
+    )
+
+
+def _written_ok(data: OutputData) -> np.ndarray:
+    c = data.columns
+    return (c["status"] == "ok") & c["written"].astype(bool) & (c["output_member"] != "")
 
 
 def pick_examples(data: OutputData, n: int) -> list[Example]:
     """Lowest, median and highest Δe among written ok items, then evenly spaced ones."""
     c = data.columns
-    ok = np.flatnonzero(
-        (c["status"] == "ok") & c["written"].astype(bool) & np.isfinite(c["delta_e_mean"].astype(float))
-    )
+    ok = np.flatnonzero(_written_ok(data) & np.isfinite(c["delta_e_mean"].astype(float)))
     if not ok.size or n <= 0:
         return []
     order = ok[np.argsort(c["delta_e_mean"][ok].astype(float), kind="stable")]
@@ -484,78 +582,112 @@ def pick_examples(data: OutputData, n: int) -> list[Example]:
         if idx in seen:
             continue
         seen.add(idx)
-        chosen.append(
-            Example(
-                shard_id=str(c["shard_id"][idx]),
-                key=str(c["key"][idx]),
-                input_member=str(c["input_member"][idx]),
-                output_member=str(c["output_member"][idx]),
-                delta_e=float(c["delta_e_mean"][idx]),
-                snr_db=float(c["snr_db"][idx]),
-                why=why,
-            )
-        )
+        chosen.append(_example(data, idx, why))
         if len(chosen) >= n:
             break
     return chosen
 
 
-def examples_section(data: OutputData, clean_url: str | None, n: int, storage_options: Mapping[str, Any] | None) -> str:
+def pick_listening(data: OutputData, n: int, clip_seconds: float = CLIP_SECONDS) -> list[Example]:
+    """The `n` written ok items with the lowest ViSQOL MOS-LQO (clip: the middle of their worst
+    excerpt), then the `n` with the lowest Δe mean (clip: the middle of the track), each item once."""
+    if n <= 0:
+        return []
+    written = _written_ok(data)
+    mos, de = data.floats("visqol_moslqo"), data.floats("delta_e_mean")
+    starts, scores = data.lists("visqol_excerpt_starts_s"), data.lists("visqol_excerpt_moslqo")
+    chosen: dict[int, Example] = {}
+    by_mos = np.flatnonzero(written & np.isfinite(mos) & data.flags("visqol_measured"))
+    for idx in by_mos[np.argsort(mos[by_mos], kind="stable")][:n]:
+        clip = None
+        if starts[idx] and len(starts[idx]) == len(scores[idx]):
+            worst = starts[idx][int(np.argmin(scores[idx]))]
+            clip = worst + max(0.0, (data.visqol_excerpt_seconds - clip_seconds) / 2)
+        chosen[int(idx)] = _example(data, int(idx), "lowest MOS-LQO", clip)
+    by_de = np.flatnonzero(written & np.isfinite(de))
+    for idx in by_de[np.argsort(de[by_de], kind="stable")][:n]:
+        if int(idx) in chosen:
+            chosen[int(idx)].why += ", lowest Δe"
+        else:
+            chosen[int(idx)] = _example(data, int(idx), "lowest Δe")
+    return list(chosen.values())
+
+
+ItemRenderer = Callable[[Example, Any, Any], str]  # (item, clean DecodedAudio, protected DecodedAudio) -> HTML
+
+
+def render_items(
+    data: OutputData,
+    clean_url: str,
+    items: list[Example],
+    storage_options: Mapping[str, Any] | None,
+    render_item: ItemRenderer,
+) -> dict[tuple[str, str], str]:
+    """HTML for each item from its clean input member and its protected output member, read from
+    the tars and decoded one item at a time; a problem becomes a warning paragraph for the items
+    it touches, never an exception."""
     from pipeline.audio import decode
 
+    out: dict[tuple[str, str], str] = {}
+    try:
+        clean_shards = {ref.shard_id: ref.url for ref in list_shards(clean_url, storage_options)}
+    except Exception as exc:
+        warning = f"<p class='warn'>Cannot list clean shards at {html.escape(clean_url)}: {html.escape(str(exc))}</p>"
+        return {(ex.shard_id, ex.key): warning for ex in items}
+    folder = OutputFolder(data.url, storage_options)
+    by_shard: dict[str, list[Example]] = {}
+    for ex in items:
+        by_shard.setdefault(ex.shard_id, []).append(ex)
+    for shard_id, shard_items in by_shard.items():
+        try:
+            if shard_id not in clean_shards:
+                raise ReportError(f"no clean shard {shard_id}.tar under {clean_url}")
+            clean = read_members(clean_shards[shard_id], {e.input_member for e in shard_items}, storage_options)
+            protected = read_members(
+                folder.url + f"/{shard_id}.tar", {e.output_member for e in shard_items}, storage_options
+            )
+            for ex in shard_items:
+                if ex.input_member not in clean or ex.output_member not in protected:
+                    out[(shard_id, ex.key)] = "<p class='warn'>member missing from a shard</p>"
+                    continue
+                x = decode(clean[ex.input_member], min_seconds=0.0)
+                y = decode(protected[ex.output_member], min_seconds=0.0)
+                if x.sample_rate != y.sample_rate:
+                    out[(shard_id, ex.key)] = "<p class='warn'>sample rates differ</p>"
+                    continue
+                out[(shard_id, ex.key)] = render_item(ex, x, y)
+        except Exception as exc:  # one unreadable shard must not sink the report
+            logger.warning("clean vs protected for %s: %s", shard_id, exc)
+            for ex in shard_items:
+                out.setdefault(
+                    (shard_id, ex.key),
+                    f"<p class='warn'>{html.escape(type(exc).__name__)}: {html.escape(str(exc))}</p>",
+                )
+    return out
+
+
+def _no_clean_note(data: OutputData, what: str) -> str:
+    return (
+        f"<p class='note'>Pass <code>--clean</code> with the input shards {html.escape(what)}: the output "
+        "folder has no <code>_config.yaml</code> naming them (io.input).</p>"
+    )
+
+
+def examples_section(data: OutputData, clean_url: str | None, n: int, storage_options: Mapping[str, Any] | None) -> str:
     parts = ["<h2 id='spectrograms'>Clean vs protected</h2>"]
     examples = pick_examples(data, n)
     if not clean_url:
-        hint = (data.config.get("io") or {}).get("input") or "the input shards"
-        parts.append(
-            f"<p class='note'>Pass <code>--clean {html.escape(str(hint))}</code> "
-            "to compare clean and protected audio.</p>"
-        )
+        parts.append(_no_clean_note(data, "to compare clean and protected audio"))
         return "\n".join(parts)
     if not examples:
         parts.append("<p class='note'>No written ok item to show.</p>")
         return "\n".join(parts)
-    try:
-        clean_shards = {ref.shard_id: ref.url for ref in list_shards(clean_url, storage_options)}
-    except Exception as exc:
-        parts.append(
-            f"<p class='warn'>Cannot list clean shards at {html.escape(clean_url)}: {html.escape(str(exc))}</p>"
-        )
-        return "\n".join(parts)
-    out = OutputFolder(data.url, storage_options)
-    by_shard: dict[str, list[Example]] = {}
-    for ex in examples:
-        by_shard.setdefault(ex.shard_id, []).append(ex)
-    figures: dict[tuple[str, str], str] = {}
-    for shard_id, items in by_shard.items():
-        try:
-            if shard_id not in clean_shards:
-                raise ReportError(f"no clean shard {shard_id}.tar under {clean_url}")
-            clean = read_members(clean_shards[shard_id], {e.input_member for e in items}, storage_options)
-            protected = read_members(out.url + f"/{shard_id}.tar", {e.output_member for e in items}, storage_options)
-            for ex in items:
-                if ex.input_member not in clean or ex.output_member not in protected:
-                    figures[(shard_id, ex.key)] = "<p class='warn'>member missing from a shard</p>"
-                    continue
-                x, y = (
-                    decode(clean[ex.input_member], min_seconds=0.0),
-                    decode(protected[ex.output_member], min_seconds=0.0),
-                )
-                if x.sample_rate != y.sample_rate:
-                    figures[(shard_id, ex.key)] = "<p class='warn'>sample rates differ</p>"
-                    continue
-                why = ex.why or "sample"
-                title = f"{shard_id} / {ex.key}: Δe {ex.delta_e:.3f}, SNR {ex.snr_db:.1f} dB ({why})"
-                figures[(shard_id, ex.key)] = _img(
-                    spectrogram_figure(x.samples, y.samples, x.sample_rate, title), title
-                )
-        except Exception as exc:  # one unreadable shard must not sink the report
-            logger.warning("spectrograms for %s: %s", shard_id, exc)
-            for ex in items:
-                figures.setdefault(
-                    (shard_id, ex.key),
-                    f"<p class='warn'>{html.escape(type(exc).__name__)}: {html.escape(str(exc))}</p>",
-                )
+
+    def spectrograms(ex: Example, x: Any, y: Any) -> str:
+        title = f"{ex.shard_id} / {ex.key}: Δe {ex.delta_e:.3f}, SNR {ex.snr_db:.1f} dB ({ex.why or 'sample'})"
+        return _img(spectrogram_figure(x.samples, y.samples, x.sample_rate, title), title)
+
+    figures = render_items(data, clean_url, examples, storage_options, spectrograms)
     parts.append(
         f"<p class='note'>First {SPECTRO_SECONDS:g} s of each track, channels averaged. "
         "δ's panel has its own colour scale. Dashed lines: where MusicLDM's and CLAP's mel front ends "
@@ -568,6 +700,152 @@ def examples_section(data: OutputData, clean_url: str | None, n: int, storage_op
     return "\n".join(parts)
 
 
+def flac_clip(samples: np.ndarray, rate: int, subtype: str = "PCM_16") -> bytes:
+    """[samples, channels] float32 -> FLAC bytes (PCM_16, or PCM_24 for sources finer than 16 bits)."""
+    import soundfile as sf
+
+    buffer = io.BytesIO()
+    sf.write(buffer, np.clip(samples, -1.0, 1.0), rate, format="FLAC", subtype=subtype)
+    return buffer.getvalue()
+
+
+def audio_player(data: bytes, label: str) -> str:
+    """One labelled HTML <audio> element with `data` (FLAC) embedded as base64."""
+    b64 = base64.b64encode(data).decode("ascii")
+    return (
+        f"<div><span class='label'>{html.escape(label)}</span>"
+        f"<audio controls preload='metadata' src='data:audio/flac;base64,{b64}'></audio></div>"
+    )
+
+
+def clip_bounds(n_samples: int, rate: int, clip_seconds: float, start_s: float | None) -> tuple[int, int]:
+    """(start, stop) samples of a clip of `clip_seconds` from `start_s` (None: centred in the track),
+    moved back inside a shorter track; the whole track when it is shorter than the clip."""
+    length = min(n_samples, max(1, round(clip_seconds * rate)))
+    start = round(start_s * rate) if start_s is not None else (n_samples - length) // 2
+    start = min(max(0, start), n_samples - length)
+    return start, start + length
+
+
+def listening_section(
+    data: OutputData,
+    clean_url: str | None,
+    n: int,
+    clip_seconds: float,
+    storage_options: Mapping[str, Any] | None,
+    budget_bytes: int = LISTEN_BUDGET_BYTES,
+) -> str:
+    """A/B players (clean, protected) of the lowest-MOS-LQO and lowest-Δe items, FLAC clips of
+    `clip_seconds`, at most `budget_bytes` of audio in all."""
+    parts = ["<h2 id='listen'>Listen: clean (A) vs protected (B)</h2>"]
+    items = pick_listening(data, n, clip_seconds)
+    if n <= 0:
+        parts.append("<p class='note'>Listening clips switched off (--listen 0).</p>")
+        return "\n".join(parts)
+    if not clean_url:
+        parts.append(_no_clean_note(data, "to listen to clean and protected clips"))
+        return "\n".join(parts)
+    if not items:
+        parts.append("<p class='note'>No written ok item to play.</p>")
+        return "\n".join(parts)
+    spent = [0]
+
+    def players(ex: Example, x: Any, y: Any) -> str:
+        rate = x.sample_rate
+        n_samples = min(x.samples.shape[0], y.samples.shape[0])
+        start, stop = clip_bounds(n_samples, rate, clip_seconds, ex.clip_start_s)
+        subtype = "PCM_16" if x.subtype in ("PCM_16", "PCM_S8", "PCM_U8") and y.subtype == x.subtype else "PCM_24"
+        a = flac_clip(x.samples[start:stop], rate, subtype)
+        b = flac_clip(y.samples[start:stop], rate, subtype)
+        if spent[0] + len(a) + len(b) > budget_bytes:
+            return "<p class='note'>Left out: the page's audio budget is spent.</p>"
+        spent[0] += len(a) + len(b)
+        span = f"{start / rate:.1f}–{stop / rate:.1f} s of {n_samples / rate:.1f} s, {rate:,} Hz, FLAC {subtype}"
+        return (
+            f"<div class='ab'>{audio_player(a, 'A · clean')}{audio_player(b, 'B · protected')}"
+            f"<span class='note'>{html.escape(span)}</span></div>"
+        )
+
+    clips = render_items(data, clean_url, items, storage_options, players)
+    parts.append(
+        f"<p class='note'>Clips of {clip_seconds:g} s, lossless (FLAC), cut from the clean input member and the "
+        "written output member at the same samples. Lowest MOS-LQO items play the middle of their worst ViSQOL "
+        "excerpt; lowest Δe items the middle of the track. Listen on headphones at a normal level.</p>"
+    )
+    for ex in items:
+        figures = f"MOS-LQO {_fmt(ex.moslqo, 2)}, Δe {_fmt(ex.delta_e)}, SNR {_fmt(ex.snr_db)} dB"
+        where = html.escape(f"{ex.shard_id}, {ex.why}; {figures}")
+        parts.append(f"<h3>{html.escape(ex.key)} <span class='note'>({where})</span></h3>")
+        parts.append(clips.get((ex.shard_id, ex.key), ""))
+    return "\n".join(parts)
+
+
+def visqol_section(data: OutputData, top: int) -> str:
+    """ViSQOL MOS-LQO against the target: histogram, measured / total, percentiles, lowest items."""
+    c = data.columns
+    ok = c["status"] == "ok"
+    mos = data.floats("visqol_moslqo")
+    measured = ok & data.flags("visqol_measured") & np.isfinite(mos)
+    total, n = int(ok.sum()), int(measured.sum())
+    parts = [f"<h2 id='visqol'>Listening quality: ViSQOL MOS-LQO against the target ({MOS_TARGET:g})</h2>"]
+    parts.append(
+        "<p class='note'>ViSQOL v3, audio mode (48 kHz mono down-mix, protected against clean; 4.73 = "
+        "indistinguishable). Each measured item's figure is its worst (lowest) excerpt; "
+        "<code>visqol_excerpt_starts_s</code> says which excerpts were scored. Items are measured on a "
+        "sample chosen by a hash of the key (<code>quality.visqol</code>, <code>visqol_share</code>).</p>"
+    )
+    if not n:
+        parts.append(
+            f"<p class='note'>No item has a ViSQOL figure (0 of {total:,} ok items measured): "
+            "<code>quality.visqol</code> was off, or the manifests predate the column.</p>"
+        )
+        return "\n".join(parts)
+    values = mos[measured]
+    parts.append(_img(mos_figure(values, n, total), "MOS-LQO histogram"))
+    below = int(np.sum(values < MOS_TARGET))
+    parts.append(
+        html_table(
+            ["", "value"],
+            [
+                ["ok items measured", f"{n:,} of {total:,} ({n / max(1, total):.1%})"],
+                [f"measured items with MOS-LQO ≥ {MOS_TARGET:g} (target)", f"{n - below:,} ({1 - below / n:.1%})"],
+                [f"measured items with MOS-LQO ≥ {MOS_HIGH:g}", f"{int(np.sum(values >= MOS_HIGH)):,}"],
+            ],
+            numeric=[False, True],
+        )
+    )
+    parts.append(
+        html_table(
+            ["", "n", "min", "p5", "median", "p95", "max", "mean"],
+            [["MOS-LQO (worst excerpt per item)", *_percentiles(values)]],
+        )
+    )
+    idx = np.flatnonzero(measured)
+    lowest = idx[np.argsort(mos[idx], kind="stable")][:top]
+    starts = data.lists("visqol_excerpt_starts_s")
+    parts.append(f"<h3>Lowest MOS-LQO (top {top})</h3>")
+    parts.append(
+        html_table(
+            ["shard", "key", "MOS-LQO", "excerpts at (s)", "Δe mean", "SNR dB", "seg. SNR dB", "format"],
+            [
+                [
+                    c["shard_id"][i],
+                    c["key"][i],
+                    float(mos[i]),
+                    ", ".join(f"{v:.1f}" for v in starts[i]),
+                    float(c["delta_e_mean"][i]),
+                    float(c["snr_db"][i]),
+                    float(data.floats("segsnr_db")[i]),
+                    c["output_format"][i],
+                ]
+                for i in lowest
+            ],
+            numeric=[False, False, True, False, True, True, True, False],
+        )
+    )
+    return "\n".join(parts)
+
+
 def render(
     data: OutputData,
     clean_url: str | None = None,
@@ -575,10 +853,15 @@ def render(
     top: int = 15,
     target: float | None = None,
     storage_options: Mapping[str, Any] | None = None,
+    listen: int = LISTEN_ITEMS,
+    clip_seconds: float = CLIP_SECONDS,
 ) -> str:
-    """The whole HTML page."""
+    """The whole HTML page. The clean input is `clean_url` if given, else the run's io.input from
+    its `_config.yaml` (read with the same `storage_options`)."""
     c, s = data.columns, data.stats
     target = data.target if target is None else target
+    clean_source = "--clean" if clean_url else "_config.yaml io.input"
+    clean_url = clean_url or data.clean_input
     status = c["status"]
     ok = status == "ok"
     parts: list[str] = []
@@ -587,7 +870,9 @@ def render(
     parts.append("<h1>Music Unlearnable: protection report</h1>")
     parts.append(
         f"<p class='meta'>output <code>{html.escape(data.url)}</code> · generated {now} · "
-        f"encoder {html.escape(', '.join(encoders) or '?')} · config {html.escape(s.config_hash or '?')}</p>"
+        f"encoder {html.escape(', '.join(encoders) or '?')} · config {html.escape(s.config_hash or '?')}"
+        + (f" · clean input <code>{html.escape(clean_url)}</code> ({clean_source})" if clean_url else "")
+        + "</p>"
     )
     if any(e.startswith("random:") for e in encoders):
         parts.append(
@@ -606,6 +891,10 @@ def render(
     de = c["delta_e_mean"].astype(float)
     de_min = c["delta_e_min"].astype(float)
     reached = int(np.sum(ok & (de_min >= target)))
+    mos = data.floats("visqol_moslqo")
+    mos_measured = ok & data.flags("visqol_measured") & np.isfinite(mos)
+    mos_n = int(mos_measured.sum())
+    mos_share = f"{np.mean(mos[mos_measured] >= MOS_TARGET):.1%} of {mos_n:,}" if mos_n else "–"
     cards = [
         ("shards", f"{len(data.shards):,}"),
         ("items", f"{s.items:,}"),
@@ -615,6 +904,7 @@ def render(
         ("windows", f"{s.windows:,}"),
         ("Δe mean", _fmt(s.delta_e_mean)),
         (f"Δe min ≥ {target:g}", f"{reached / max(1, int(ok.sum())):.1%}"),
+        (f"MOS-LQO ≥ {MOS_TARGET:g}", mos_share),
         (
             "accel. s / audio s",
             _fmt(s.accelerator_seconds / s.audio_seconds if s.audio_seconds else float("nan")),
@@ -655,6 +945,8 @@ def render(
         )
     else:
         parts.append("<p class='note'>No ok item with a Δe.</p>")
+
+    parts.append(visqol_section(data, top))
 
     parts.append("<h2 id='quality'>Quality of δ and PGD effort</h2>")
     quality = [
@@ -760,6 +1052,7 @@ def render(
         parts.append("<p class='note'>No errors.</p>")
 
     parts.append(examples_section(data, clean_url, examples, storage_options))
+    parts.append(listening_section(data, clean_url, listen, clip_seconds, storage_options))
 
     parts.append("<h2 id='robustness'>Robustness</h2>")
     if data.robustness_table is not None:
@@ -807,8 +1100,16 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p = parser or argparse.ArgumentParser(prog="unlearnable report", description=__doc__.split("\n\n")[0])
     p.add_argument("--output", required=True, help="the run's output folder (local or s3://bucket/prefix/)")
     p.add_argument("--out", default="report.html", help="HTML file to write (local path or s3://…)")
-    p.add_argument("--clean", help="the input shards (folder, s3:// prefix, glob) for clean vs protected figures")
+    p.add_argument(
+        "--clean",
+        help="the input shards (folder, s3:// prefix, glob) for spectrograms and A/B clips "
+        "(default: io.input of the run's _config.yaml)",
+    )
     p.add_argument("--examples", type=int, default=3, help="items with spectrograms (lowest, median, highest Δe, …)")
+    p.add_argument(
+        "--listen", type=int, default=LISTEN_ITEMS, help="items with A/B clips per list (lowest MOS-LQO, lowest Δe)"
+    )
+    p.add_argument("--clip-seconds", type=float, default=CLIP_SECONDS, help="length of each A/B clip, seconds")
     p.add_argument("--top", type=int, default=15, help="rows of the slowest / worst tables")
     p.add_argument("--target", type=float, help="Δe target (default: attack.target_delta_e of _config.yaml, else 0.5)")
     p.add_argument("--config", help="YAML config whose io.storage section gives the S3 client settings")
@@ -830,6 +1131,8 @@ def cmd_report(args: argparse.Namespace) -> int:
         top=args.top,
         target=args.target,
         storage_options=options,
+        listen=args.listen,
+        clip_seconds=args.clip_seconds,
     )
     with open_url(args.out, "wb", options) as f:
         f.write(page.encode("utf-8"))

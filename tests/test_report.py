@@ -22,7 +22,7 @@ import yaml
 from pipeline.demo import synthesize
 from pipeline.manifest import commit_shard
 from pipeline.records import ManifestRow, SampleStatus, ShardStats, manifest_table
-from pipeline.report import OutputData, build_parser, load_output, main, markdown_to_html
+from pipeline.report import LISTEN_BUDGET_BYTES, OutputData, build_parser, load_output, main, markdown_to_html
 from pipeline.shards import SHARD_ERROR_KEY, OutputFolder, build_tar
 
 RATE = 44_100
@@ -102,6 +102,10 @@ def build_output(root: Path, encoder_id: str = RANDOM_ENCODER, extras: bool = Tr
                 steps_mean=float(rng.integers(12, 50)), seconds=float(rng.uniform(0.5, 4.0)) * n_windows,
                 encoder_id=encoder_id, config_hash="0123456789ab", pesq_wb=float(rng.uniform(3.5, 4.5)),
             )  # fmt: skip
+            if extras and (s_index, i) != (0, 1):  # ViSQOL: every written item but one measured (whole item)
+                row.visqol_moslqo = float(rng.uniform(3.5, 4.73))
+                row.visqol_measured = True
+                row.visqol_excerpt_starts_s, row.visqol_excerpt_moslqo = [0.0], [row.visqol_moslqo]
             stats.ok += 1
             stats.windows += n_windows
             stats.audio_seconds += seconds
@@ -165,9 +169,14 @@ def test_load_output_reads_manifests_markers_and_extras(tmp_path):
     assert "mp3 128k" in data.robustness_md
 
 
+def audio_clips(page: str) -> list[bytes]:
+    return [base64.b64decode(m) for m in re.findall(r"src='data:audio/flac;base64,([A-Za-z0-9+/=]+)'", page)]
+
+
 def test_report_has_every_section_and_real_images(report_page):
     _, page = report_page
-    for anchor in ("delta-e", "quality", "slowest", "worst", "errors", "spectrograms", "robustness", "config"):
+    anchors = ("delta-e", "visqol", "quality", "slowest", "worst", "errors", "spectrograms", "listen", "robustness")
+    for anchor in (*anchors, "config"):
         assert f"id='{anchor}'" in page, anchor
     assert "Random CLAP weights were used" in page and "protect nothing" in page
     assert "target 0.45" in page or "target (0.45)" in page
@@ -180,9 +189,60 @@ def test_report_has_every_section_and_real_images(report_page):
     assert "lowest Δe" in page and "median Δe" in page and "highest Δe" in page
     assert "class='warn'>member missing" not in page
     pngs = images(page)
-    assert len(pngs) == 2 + 3  # Δe, quality, three spectrogram figures
+    assert len(pngs) == 3 + 3  # Δe, MOS-LQO, quality, three spectrogram figures
     assert all(p.startswith(b"\x89PNG\r\n\x1a\n") and len(p) > 10_000 for p in pngs)
     assert "http://" not in page and "https://" not in page  # self-contained
+
+
+def test_report_shows_mos_lqo_against_its_target(report_page):
+    _, page = report_page
+    assert "ViSQOL MOS-LQO against the target (4)" in page
+    assert "8 of 9 (88.9%)" in page  # ok items measured / ok items
+    assert "MOS-LQO ≥ 4" in page and "Lowest MOS-LQO (top 15)" in page
+    section = page[page.index("id='visqol'") : page.index("id='quality'")]
+    assert len(images(section)) == 1
+
+
+def test_ab_players_play_the_clean_input_and_the_written_output(tmp_path):
+    """No --clean: the report finds the input through the run's _config.yaml (io.input), then
+    plays lossless clips of the lowest MOS-LQO and lowest Δe items, clean (A) and protected (B)."""
+    clean_dir, output = build_output(tmp_path)
+    html_path = tmp_path / "r.html"
+    assert main(["--output", str(output), "--out", str(html_path), "--clip-seconds", "2.5"]) == 0
+    page = html_path.read_text()
+    assert f"clean input <code>{clean_dir}</code> (_config.yaml io.input)" in page
+    data = load_output(str(output))
+    c = data.columns
+    ok = (c["status"] == "ok") & c["written"].astype(bool)
+    mos = data.floats("visqol_moslqo")
+    lowest_mos = set(c["key"][ok & np.isfinite(mos)][np.argsort(mos[ok & np.isfinite(mos)])][:3])
+    lowest_de = set(c["key"][ok][np.argsort(c["delta_e_mean"][ok].astype(float))][:3])
+    section = page[page.index("id='listen'") : page.index("id='robustness'")]
+    clips = audio_clips(section)
+    assert len(clips) == 2 * len(lowest_mos | lowest_de) and section.count("<audio controls") == len(clips)
+    for key in lowest_mos | lowest_de:
+        assert f"<h3>{key} " in section
+    assert "lowest MOS-LQO" in section and "lowest Δe" in section
+    for a, b in zip(clips[::2], clips[1::2]):
+        x, rate = sf.read(io.BytesIO(a), dtype="float64")
+        y, rate_b = sf.read(io.BytesIO(b), dtype="float64")
+        assert sf.info(io.BytesIO(a)).format == "FLAC" and sf.info(io.BytesIO(a)).subtype == "PCM_16"
+        assert rate == rate_b == RATE and x.shape == y.shape and x.shape[0] == round(2.5 * RATE)
+        assert 0 < np.abs(y - x).max() <= EPS + 2**-15  # the same samples of clean and protected audio
+    audio = sum(len(a) for a in clips)  # FLAC bytes; base64 makes the section 4/3 of that
+    assert audio <= LISTEN_BUDGET_BYTES and len(section) < 4 / 3 * audio + 20_000
+
+
+def test_listening_clips_respect_the_audio_budget(tmp_path):
+    from pipeline.report import clip_bounds, listening_section
+
+    _, output = build_output(tmp_path)
+    data = load_output(str(output))
+    section = listening_section(data, data.clean_input, 3, 6.0, None, budget_bytes=1)
+    assert "audio budget is spent" in section and not audio_clips(section)
+    assert clip_bounds(10 * RATE, RATE, 6.0, None) == (2 * RATE, 8 * RATE)  # the middle
+    assert clip_bounds(10 * RATE, RATE, 6.0, 7.0) == (4 * RATE, 10 * RATE)  # moved back inside
+    assert clip_bounds(3 * RATE, RATE, 6.0, 1.0) == (0, 3 * RATE)  # a track shorter than the clip
 
 
 def test_report_without_clean_or_config_and_real_encoder(tmp_path, capsys):
@@ -192,8 +252,9 @@ def test_report_without_clean_or_config_and_real_encoder(tmp_path, capsys):
     page = html_path.read_text()
     assert "Random CLAP weights" not in page
     assert "target 0.5" in page or "target (0.5)" in page  # default without _config.yaml
-    assert "Pass <code>--clean" in page
+    assert "Pass <code>--clean" in page and "id='listen'" in page and not audio_clips(page)
     assert "No robustness.parquet or robustness.md" in page
+    assert "No item has a ViSQOL figure (0 of 9 ok items measured)" in page
     assert len(images(page)) == 2
     assert "r.html: 2 shard(s)" in capsys.readouterr().out
 
@@ -237,7 +298,8 @@ def test_report_from_s3(tmp_path, monkeypatch):
         argv += ["--endpoint-url", server.endpoint_url, "--addressing-style", "path"]
         assert main(argv) == 0
         page = html_path.read_text()
-        assert len(images(page)) == 5 and "class='warn'>member missing" not in page
+        assert len(images(page)) == 6 and "class='warn'>member missing" not in page
+        assert audio_clips(page)
         assert "s3://bucket/protected/" in page
     finally:
         server.stop()
@@ -266,3 +328,39 @@ def test_report_renders_in_headless_chromium(report_page, tmp_path):
     assert float(pixels[..., :3].std()) > 0.05  # not a blank page: text, tables and figures drew
     keep = Path(tempfile.gettempdir()) / "unlearnable-report-screenshot.png"
     shutil.copyfile(shot, keep)  # for a human to look at
+
+
+PROBE = """<script>
+window.addEventListener('load', () => {
+  const audios = [...document.querySelectorAll('audio')];
+  audios.forEach((a) => {
+    a.addEventListener('loadedmetadata', () => a.setAttribute('data-probe', 'duration=' + a.duration.toFixed(3)));
+    a.addEventListener('error', () => a.setAttribute('data-probe', 'error=' + (a.error && a.error.code)));
+    a.load();
+  });
+});
+</script>"""
+
+
+def test_chromium_decodes_every_embedded_clip(report_page, tmp_path):
+    """Each <audio> data URI is FLAC that headless Chromium loads (its duration, not a media error)."""
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    if browser is None:
+        pytest.skip("chromium not installed (Debian: apt-get install -y chromium)")
+    _, page = report_page
+    probe = tmp_path / "probe.html"
+    probe.write_text(page.replace("</body>", PROBE + "</body>"))
+    with tempfile.TemporaryDirectory() as profile:
+        result = subprocess.run(
+            [
+                browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                "--disable-component-update", "--disable-sync", "--no-first-run", f"--user-data-dir={profile}",
+                "--virtual-time-budget=10000", "--dump-dom", probe.as_uri(),
+            ],
+            capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+    probes = re.findall(r'data-probe="([^"]*)"', result.stdout)
+    clips = audio_clips(page)
+    assert clips and len(probes) == len(clips), result.stderr[-2000:]
+    for found, clip in zip(probes, clips):
+        assert found == f"duration={sf.info(io.BytesIO(clip)).duration:.3f}", found
