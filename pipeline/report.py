@@ -547,6 +547,7 @@ class Example:
 
 def _example(data: OutputData, idx: int, why: str, clip_start_s: float | None = None) -> Example:
     c = data.columns
+    mos = c.get("visqol_moslqo")
     return Example(
         shard_id=str(c["shard_id"][idx]),
         key=str(c["key"][idx]),
@@ -555,7 +556,7 @@ def _example(data: OutputData, idx: int, why: str, clip_start_s: float | None = 
         delta_e=float(c["delta_e_mean"][idx]),
         snr_db=float(c["snr_db"][idx]),
         why=why,
-        moslqo=float(data.floats("visqol_moslqo")[idx]),
+        moslqo=float("nan") if mos is None or mos[idx] is None else float(mos[idx]),
         clip_start_s=clip_start_s,
     )
 
@@ -602,7 +603,7 @@ def pick_listening(data: OutputData, n: int, clip_seconds: float = CLIP_SECONDS)
         clip = None
         if starts[idx] and len(starts[idx]) == len(scores[idx]):
             worst = starts[idx][int(np.argmin(scores[idx]))]
-            clip = worst + max(0.0, (data.visqol_excerpt_seconds - clip_seconds) / 2)
+            clip = worst + (data.visqol_excerpt_seconds - clip_seconds) / 2  # centred on it (clip_bounds clamps)
         chosen[int(idx)] = _example(data, int(idx), "lowest MOS-LQO", clip)
     by_de = np.flatnonzero(written & np.isfinite(de))
     for idx in by_de[np.argsort(de[by_de], kind="stable")][:n]:
@@ -822,7 +823,7 @@ def visqol_section(data: OutputData, top: int) -> str:
     )
     idx = np.flatnonzero(measured)
     lowest = idx[np.argsort(mos[idx], kind="stable")][:top]
-    starts = data.lists("visqol_excerpt_starts_s")
+    starts, segsnr = data.lists("visqol_excerpt_starts_s"), data.floats("segsnr_db")
     parts.append(f"<h3>Lowest MOS-LQO (top {top})</h3>")
     parts.append(
         html_table(
@@ -835,7 +836,7 @@ def visqol_section(data: OutputData, top: int) -> str:
                     ", ".join(f"{v:.1f}" for v in starts[i]),
                     float(c["delta_e_mean"][i]),
                     float(c["snr_db"][i]),
-                    float(data.floats("segsnr_db")[i]),
+                    float(segsnr[i]),
                     c["output_format"][i],
                 ]
                 for i in lowest

@@ -234,10 +234,15 @@ def test_ab_players_play_the_clean_input_and_the_written_output(tmp_path):
 
 
 def test_listening_clips_respect_the_audio_budget(tmp_path):
-    from pipeline.report import clip_bounds, listening_section
+    from pipeline.report import clip_bounds, listening_section, pick_listening
 
     _, output = build_output(tmp_path)
     data = load_output(str(output))
+    picks = pick_listening(data, 3, clip_seconds=6.0)
+    # Lowest MOS-LQO: centred on the worst excerpt (10 s from 0.0 s here); lowest Δe only: the track's middle.
+    assert [e.clip_start_s for e in picks if "MOS-LQO" in e.why] == [2.0, 2.0, 2.0]
+    assert all(e.clip_start_s is None for e in picks if "MOS-LQO" not in e.why)
+    assert len({(e.shard_id, e.key) for e in picks}) == len(picks)
     section = listening_section(data, data.clean_input, 3, 6.0, None, budget_bytes=1)
     assert "audio budget is spent" in section and not audio_clips(section)
     assert clip_bounds(10 * RATE, RATE, 6.0, None) == (2 * RATE, 8 * RATE)  # the middle
