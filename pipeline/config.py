@@ -85,6 +85,11 @@ class EncoderConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
 
 
+STRENGTH_MARGIN_DB = {1: -12.0, 2: -9.0, 3: -6.0, 4: -3.0, 5: 0.0}
+"""attack.strength -> δ's per-bin ceiling in dB relative to the music's masking threshold (spectral
+mode). Measured MOS-LQO and Δe of every level: docs/quality.md."""
+
+
 @dataclass(frozen=True)
 class AttackConfig:
     """PGD hyper-parameters. Amplitudes are linear, full scale = 1.0 (ε 0.003 ≈ -50.5 dBFS)."""
@@ -96,7 +101,9 @@ class AttackConfig:
     target_delta_e: float = 0.5  # per-window early stop once Δe ≥ this (unit embeddings: cos < 0.875)
     precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16 | fp16
     seed: int = 0
-    perceptual: str = "linf"  # linf | masking: also keep δ's spectrum under the clean signal's masking threshold
+    perceptual: str = "linf"  # spectral | linf | masking (legacy); see pipeline.protect.PERCEPTUAL_MODES
+    strength: int = 3  # spectral mode: 1 (gentlest) .. 5 (strongest), δ's level against the masking threshold
+    lr: float = 0.1  # spectral mode: Adam step size on δ's spectral weights
     eot_views: tuple[str, ...] = ("clean48k",)  # views optimised through (pipeline.views), e.g. [clean48k, musicldm]
     ensemble: str = "mean"  # with encoder.ensemble: maximise the mean or the minimum of per-encoder Δe
     passband_hz: float | None = None  # low-pass δ to what the imitator keeps (MusicLDM: 8000 Hz); None: full band
@@ -111,6 +118,12 @@ class QualityConfig:
     pesq: bool = False  # wide-band PESQ at 16 kHz, mono down-mix (PyPI pesq; a speech metric)
     stoi: bool = False  # STOI at 16 kHz, mono down-mix (PyPI pystoi; a speech metric)
     segsnr: bool = True  # segmental SNR, 20 ms frames
+    # ViSQOL v3 audio mode (MOS-LQO 1-4.73, 48 kHz mono, against the clean audio), in a CPU stage.
+    # It costs ~0.2 s per audio second on one core (numba; 0.7 s without), so by default only a sample of items is measured.
+    visqol: str = "sample"  # off | sample | all
+    visqol_share: float = 0.1  # sample mode: share of items measured (chosen by a hash of the key)
+    visqol_excerpt_seconds: float = 10.0  # length of each measured excerpt (the whole item when shorter)
+    visqol_excerpts: int = 1  # excerpts per measured item, evenly spread over the track
 
 
 @dataclass(frozen=True)
@@ -280,9 +293,15 @@ def validate(cfg: PipelineConfig) -> None:
         (a.sigma >= 0, "attack.sigma must be >= 0"),
         (a.target_delta_e > 0, "attack.target_delta_e must be > 0"),
         (a.precision in ("auto", "fp32", "bf16", "fp16"), "attack.precision must be auto|fp32|bf16|fp16"),
-        (a.perceptual in ("linf", "masking"), "attack.perceptual must be linf|masking"),
+        (a.perceptual in ("spectral", "linf", "masking"), "attack.perceptual must be spectral|linf|masking"),
+        (a.strength in STRENGTH_MARGIN_DB, f"attack.strength must be one of {sorted(STRENGTH_MARGIN_DB)}"),
+        (a.lr > 0, "attack.lr must be > 0"),
         (a.ensemble in ("mean", "min"), "attack.ensemble must be mean|min"),
         (a.passband_hz is None or a.passband_hz > 0, "attack.passband_hz must be > 0 or null"),
+        (cfg.quality.visqol in ("off", "sample", "all"), "quality.visqol must be off|sample|all"),
+        (0 < cfg.quality.visqol_share <= 1, "quality.visqol_share must be in (0, 1]"),
+        (cfg.quality.visqol_excerpt_seconds >= 1, "quality.visqol_excerpt_seconds must be >= 1"),
+        (cfg.quality.visqol_excerpts >= 1, "quality.visqol_excerpts must be >= 1"),
         (len(a.eot_views) > 0, "attack.eot_views must name at least one view (clean48k: none)"),
         (au.window_seconds > 0, "audio.window_seconds must be > 0"),
         (
