@@ -167,13 +167,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_embed)
 
     # Each of these modules owns its arguments; imported here so `--help` lists them.
-    from pipeline import imitation, report, robustness, transfer
+    from pipeline import frontier, imitation, report, robustness, transfer
 
     robustness.build_parser(sub.add_parser("robustness", help="Δe retained under codecs, resampling, noise"))
     transfer.build_parser(sub.add_parser("transfer", help="Δe measured with encoders used and not used for δ"))
     imitation.build_parser(
         sub.add_parser("imitate", help="train clean / protected / noise-control imitators and compare them")
     )
+    frontier.build_parser(sub.add_parser("frontier", help="ViSQOL quality vs Δe for a sweep of attack settings"))
     report.build_parser(sub.add_parser("report", help="HTML report of an output folder: Δe, quality, errors"))
     sub.add_parser("bench", help="benchmark engine, pipeline and baseline (see docs/benchmarks.md)", add_help=False)
     return parser
