@@ -85,7 +85,7 @@ class EncoderConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
 
 
-STRENGTH_MARGIN_DB = {1: -12.0, 2: -9.0, 3: -6.0, 4: -3.0, 5: 0.0}
+STRENGTH_MARGIN_DB = {1: -9.0, 2: -6.0, 3: -3.0, 4: 0.0, 5: 3.0}
 """attack.strength -> δ's per-bin ceiling in dB relative to the music's masking threshold (spectral
 mode). Measured MOS-LQO and Δe of every level: docs/quality.md."""
 
@@ -94,19 +94,24 @@ mode). Measured MOS-LQO and Δe of every level: docs/quality.md."""
 class AttackConfig:
     """PGD hyper-parameters. Amplitudes are linear, full scale = 1.0 (ε 0.003 ≈ -50.5 dBFS)."""
 
-    eps: float = 0.003  # L∞ bound on δ
+    # L∞ bound on δ. spectral mode: a hard safety cap over the masking budget (0.05 ≈ -26 dBFS peak;
+    # the manifest's capped_share says how much it cut). linf/masking modes: the whole budget, so
+    # set it small there (0.0003-0.003; docs/quality.md measures what each costs in MOS-LQO).
+    eps: float = 0.05
     alpha: float = 0.0006  # sign-step size
     steps: int = 50  # gradient steps per window (upper bound; early stop may use fewer)
     sigma: float = 0.00075  # std of δ₀ ~ N(0, σ²), clipped to ε
     target_delta_e: float = 0.5  # per-window early stop once Δe ≥ this (unit embeddings: cos < 0.875)
     precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16 | fp16
     seed: int = 0
-    perceptual: str = "linf"  # spectral | linf | masking (legacy); see pipeline.protect.PERCEPTUAL_MODES
+    perceptual: str = "spectral"  # spectral | linf | masking (legacy); see pipeline.protect.PERCEPTUAL_MODES
     strength: int = 3  # spectral mode: 1 (gentlest) .. 5 (strongest), δ's level against the masking threshold
     lr: float = 0.1  # spectral mode: Adam step size on δ's spectral weights
     eot_views: tuple[str, ...] = ("clean48k",)  # views optimised through (pipeline.views), e.g. [clean48k, musicldm]
     ensemble: str = "mean"  # with encoder.ensemble: maximise the mean or the minimum of per-encoder Δe
-    passband_hz: float | None = None  # low-pass δ to what the imitator keeps (MusicLDM: 8000 Hz); None: full band
+    # δ only below this (Hz): what the conditioner sees (CLAP's mel stops at 14 kHz; MusicLDM keeps
+    # 8 kHz). δ above it buys no Δe and costs quality. None: the whole band.
+    passband_hz: float | None = 14000.0
 
 
 @dataclass(frozen=True)
@@ -119,7 +124,8 @@ class QualityConfig:
     stoi: bool = False  # STOI at 16 kHz, mono down-mix (PyPI pystoi; a speech metric)
     segsnr: bool = True  # segmental SNR, 20 ms frames
     # ViSQOL v3 audio mode (MOS-LQO 1-4.73, 48 kHz mono, against the clean audio), in a CPU stage.
-    # It costs ~0.2 s per audio second on one core (numba; 0.7 s without), so by default only a sample of items is measured.
+    # It costs ~0.2 s per audio second on one core (numba; 0.7 s without), so by default only a
+    # sample of items is measured.
     visqol: str = "sample"  # off | sample | all
     visqol_share: float = 0.1  # sample mode: share of items measured (chosen by a hash of the key)
     visqol_excerpt_seconds: float = 10.0  # length of each measured excerpt (the whole item when shorter)

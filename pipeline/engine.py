@@ -21,6 +21,7 @@ the batch, for per-window preprocessing such as padding by length.
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -57,6 +58,7 @@ class PGDResult:
     cos: torch.Tensor  # cosine(e(x+δ), e(x)) of that δ
     steps: torch.Tensor  # gradient steps run per window (int64)
     clean_embedding: torch.Tensor  # e(x) [B, D] in the working precision, as float32
+    capped_share: torch.Tensor | None = None  # spectral_attack: share of δ's energy the L∞ cap removed [B]
 
 
 def _autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
@@ -70,6 +72,38 @@ def project(delta: torch.Tensor, x: torch.Tensor, eps: float) -> torch.Tensor:
     """Keep x+δ inside [-1, 1] where possible, and |δ| ≤ ε always (the ε clip comes last)."""
     delta = torch.maximum(torch.minimum(delta, 1.0 - x), -1.0 - x)
     return delta.clamp(-eps, eps)
+
+
+class _Best:
+    """The best δ seen per window (by Δe) with its Δe and cosine; optionally the share of its
+    energy an L∞ cap removed (`raw` is δ before the cap)."""
+
+    def __init__(self, start: torch.Tensor, clean: torch.Tensor, distance: DistanceFn):
+        batch, device = start.shape[0], start.device
+        self.clean = clean
+        self.distance = distance
+        self.delta = start.clone()
+        self.delta_e = torch.full((batch,), -1.0, device=device)
+        self.cos = torch.ones(batch, device=device)
+        self.capped_share = torch.zeros(batch, device=device)
+
+    def record(
+        self, index: torch.Tensor, adv: torch.Tensor, candidate: torch.Tensor, raw: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Score `candidate` δ of windows `index` (adv = e(x+δ)); keep improvements; return their Δe."""
+        delta_e = self.distance(adv, self.clean[index])
+        better = delta_e > self.delta_e[index]
+        chosen = index[better]
+        self.delta[chosen] = candidate[better].detach()
+        self.delta_e[chosen] = delta_e[better].detach()
+        cos = torch.nn.functional.cosine_similarity(adv[better], self.clean[chosen], dim=-1)
+        if cos.ndim > 1:  # an ensemble: [b, encoders] -> mean over encoders
+            cos = cos.mean(dim=1)
+        self.cos[chosen] = cos.detach()
+        if raw is not None:
+            removed = (raw[better] - candidate[better]).detach().pow(2).sum(dim=(1, 2))
+            self.capped_share[chosen] = removed / raw[better].detach().pow(2).sum(dim=(1, 2)).clamp(min=1e-20)
+        return delta_e.detach()
 
 
 def pgd(
@@ -113,25 +147,10 @@ def pgd(
     with torch.no_grad(), _autocast(device, params.precision):
         clean = embed(x, every).float()
 
-    best_delta = delta.clone()
-    best_delta_e = torch.full((batch,), -1.0, device=device)
-    best_cos = torch.ones(batch, device=device)
+    best = _Best(delta, clean, distance)
     steps_run = torch.zeros(batch, dtype=torch.int64, device=device)
     active = torch.ones(batch, dtype=torch.bool, device=device)
     scale = params.loss_scale if params.precision == "fp16" else 1.0
-
-    def record(index: torch.Tensor, adv: torch.Tensor, candidate: torch.Tensor) -> torch.Tensor:
-        """Score `candidate` δ for windows `index`; keep improvements; return their Δe."""
-        delta_e = distance(adv, clean[index])
-        better = delta_e > best_delta_e[index]
-        chosen = index[better]
-        best_delta[chosen] = candidate[better].detach()
-        best_delta_e[chosen] = delta_e[better].detach()
-        cos = torch.nn.functional.cosine_similarity(adv[better], clean[chosen], dim=-1)
-        if cos.ndim > 1:  # an ensemble: [b, encoders] -> mean over encoders
-            cos = cos.mean(dim=1)
-        best_cos[chosen] = cos.detach()
-        return delta_e.detach()
 
     for _ in range(params.steps):
         index = active.nonzero().squeeze(1)
@@ -142,7 +161,7 @@ def pgd(
             adv = embed(x[index] + current, index).float()
         delta_e = distance(adv, clean[index])
         (grad,) = torch.autograd.grad(delta_e.sum() * scale, current)
-        scored = record(index, adv.detach(), current)
+        scored = best.record(index, adv.detach(), current)
         steps_run[index] += 1
         reached = scored >= params.target_delta_e
         active[index[reached]] = False
@@ -157,12 +176,145 @@ def pgd(
     if index.numel() > 0:
         with torch.no_grad(), _autocast(device, params.precision):
             adv = embed(x[index] + delta[index], index).float()
-        record(index, adv, delta[index])
+        best.record(index, adv, delta[index])
+
+    return PGDResult(delta=best.delta, delta_e=best.delta_e, cos=best.cos, steps=steps_run, clean_embedding=clean)
+
+
+# ---------------------------------------------------------------------------------------------
+# The perceptual method: δ lives in the STFT domain, bounded per bin by a budget, found with Adam.
+#
+#     W    ~ N(0, σ_w²)                           real [B, C, bins, frames, 2] (re, im), no constraint
+#     S    = budget · tanh(|W|) · W/|W|            complex: |S| < budget in every bin, by construction
+#     δ    = clip(iSTFT(S), −ε, ε), in range       the L∞ cap is a final hard cap (its effect is reported)
+#     repeat `steps` times: Adam ascent on Δe = ||e(x+δ) − e₀||₂ w.r.t. W, cosine-decayed step size
+#
+# The budget (pipeline.perceptual.allowed_amplitude) is the music's masking threshold, so δ's energy
+# goes where the music masks it and nowhere else; no alternating projections fight each other.
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SpectralParams:
+    """Settings of :func:`spectral_attack`. Amplitudes linear, full scale 1.0; STFT in samples."""
+
+    eps: float  # hard L∞ cap on δ
+    steps: int  # Adam steps at most
+    lr: float = 0.1  # Adam step size on W (W is dimensionless: tanh(|W|) is the share of the budget used)
+    init_scale: float = 0.5  # std of W₀: δ₀ uses about half the budget, at random phase
+    n_fft: int = 2048
+    hop: int = 512
+    target_delta_e: float = float("inf")
+    precision: str = "fp32"
+
+
+def spectrum_from_weights(weights: torch.Tensor, budget: torch.Tensor) -> torch.Tensor:
+    """Complex spectrum budget · tanh(|W|) · W/|W|: weights [..., bins, frames, 2], budget
+    [..., bins, frames] -> complex [..., bins, frames], |S| < budget in every bin."""
+    radius = weights.norm(dim=-1).clamp(min=1e-12)
+    gain = budget * torch.tanh(radius) / radius
+    return torch.complex(weights[..., 0] * gain, weights[..., 1] * gain)
+
+
+def spectral_attack(
+    embed: EmbedFn,
+    x: torch.Tensor,
+    budget: torch.Tensor,
+    params: SpectralParams,
+    *,
+    noise: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+    mask: torch.Tensor | None = None,
+    distance: DistanceFn = l2_distance,
+) -> PGDResult:
+    """Find δ per window, bounded per STFT bin by `budget`, that pushes e(x+δ) away from e(x).
+
+    Args:
+        embed: as for :func:`pgd`.
+        x: clean windows [B, C, samples], full scale 1.0.
+        budget: largest |STFT(δ)| per bin [B, C, bins, frames] (zero: no δ in that bin).
+        params: the attack settings.
+        noise: standard-normal start weights [B, C, bins, frames, 2]; drawn from `generator` when None.
+        mask: 1 where x holds real samples, 0 on padding (broadcastable to x); δ is 0 there.
+        distance: as for :func:`pgd`.
+
+    Returns:
+        PGDResult; `capped_share` holds the share of the chosen δ's energy the L∞ cap removed.
+    """
+    batch, channels, samples = x.shape
+    device = x.device
+    x = x.detach()
+    keep = torch.ones_like(x) if mask is None else mask.to(x.dtype).expand_as(x)
+    window = torch.hann_window(params.n_fft, device=device)
+    shape = (*budget.shape, 2)
+    if noise is None:
+        noise = torch.randn(shape, generator=generator, dtype=torch.float32)
+    weights = noise.to(device=device, dtype=torch.float32) * params.init_scale
+    first_moment = torch.zeros_like(weights)
+    second_moment = torch.zeros_like(weights)
+    beta1, beta2 = 0.9, 0.999
+
+    def synthesize(w: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(capped δ, uncapped δ) [b, C, samples] of weights `w` for windows `rows`."""
+        bound = budget[rows].reshape(-1, *budget.shape[2:])
+        spectrum = spectrum_from_weights(w.reshape(-1, *w.shape[2:]), bound)
+        raw = torch.istft(spectrum, params.n_fft, params.hop, window=window, center=True, length=samples)
+        # A spectrum bounded bin by bin is not the STFT of any signal: the synthesised δ leaks into
+        # neighbouring bins and frames. One round of re-analysis, clipping to the budget and
+        # re-synthesis takes most of that leakage back (differentiable, so Adam sees it).
+        again = torch.stft(
+            raw, params.n_fft, params.hop, window=window, center=True, pad_mode="constant", return_complex=True
+        )
+        again = again * (bound / again.abs().clamp(min=1e-12)).clamp(max=1.0)
+        raw = torch.istft(again, params.n_fft, params.hop, window=window, center=True, length=samples)
+        raw = raw.reshape(len(rows), channels, samples) * keep[rows]
+        return project(raw, x[rows], params.eps), raw
+
+    every = torch.arange(batch, device=device)
+    with torch.no_grad(), _autocast(device, params.precision):
+        clean = embed(x, every).float()
+
+    best = _Best(torch.zeros_like(x), clean, distance)
+    steps_run = torch.zeros(batch, dtype=torch.int64, device=device)
+    active = torch.ones(batch, dtype=torch.bool, device=device)
+
+    for step in range(params.steps):
+        index = active.nonzero().squeeze(1)
+        if index.numel() == 0:
+            break
+        current = weights[index].clone().requires_grad_(True)
+        delta, raw = synthesize(current, index)
+        with _autocast(device, params.precision):
+            adv = embed(x[index] + delta, index).float()
+        delta_e = distance(adv, clean[index])
+        (grad,) = torch.autograd.grad(delta_e.sum(), current)
+        scored = best.record(index, adv.detach(), delta, raw)
+        steps_run[index] += 1
+        reached = scored >= params.target_delta_e
+        active[index[reached]] = False
+        moving = index[~reached]
+        # Adam ascent (per window; finished windows keep their state), cosine-decayed step size.
+        grad = torch.nan_to_num(grad[~reached])
+        t = step + 1
+        first_moment[moving] = beta1 * first_moment[moving] + (1 - beta1) * grad
+        second_moment[moving] = beta2 * second_moment[moving] + (1 - beta2) * grad.square()
+        lr = params.lr * (0.55 + 0.45 * math.cos(math.pi * step / max(1, params.steps)))
+        step_size = lr * math.sqrt(1 - beta2**t) / (1 - beta1**t)
+        weights[moving] += step_size * first_moment[moving] / (second_moment[moving].sqrt() + 1e-8)
+
+    index = active.nonzero().squeeze(1)
+    if index.numel() > 0:
+        with torch.no_grad():
+            delta, raw = synthesize(weights[index], index)
+            with _autocast(device, params.precision):
+                adv = embed(x[index] + delta, index).float()
+            best.record(index, adv, delta, raw)
 
     return PGDResult(
-        delta=best_delta,
-        delta_e=best_delta_e,
-        cos=best_cos,
+        delta=best.delta,
+        delta_e=best.delta_e,
+        cos=best.cos,
         steps=steps_run,
         clean_embedding=clean,
+        capped_share=best.capped_share,
     )

@@ -37,7 +37,7 @@ from pipeline.protect import Track, TrackProtector
 AUDIO_EXTENSIONS = (".flac", ".wav", ".ogg", ".mp3", ".opus", ".aiff", ".aif")
 GOOD_MOS = 4.0  # MOS-LQO at or above this counts as "good" in the share column
 TARGET_LINES_MOS = (4.0, 4.5)
-DEFAULT_EPS = (0.0003, 0.001, 0.003)  # linear amplitude, full scale 1.0
+DEFAULT_EPS = (0.0001, 0.0003, 0.001, 0.003)  # linear amplitude, full scale 1.0
 DEFAULT_STRENGTHS = (1, 2, 3, 4, 5)
 
 
@@ -109,13 +109,13 @@ class Excerpt:
 
 
 def default_cases() -> list[Case]:
-    """Legacy modes over ε (α = ε/5 and σ = ε/4, the defaults' ratios) and the spectral mode over
-    its strength 1..5."""
+    """Legacy modes as they shipped before the spectral mode (full band, α = ε/5 and σ = ε/4) over
+    ε, and the spectral mode over its strength 1..5 (everything else: the base config)."""
     cases = []
     for mode in ("linf", "masking"):
         for eps in DEFAULT_EPS:
             overrides = (f"attack.perceptual={mode}", f"attack.eps={eps:g}", f"attack.alpha={eps / 5:g}",
-                         f"attack.sigma={eps / 4:g}")  # fmt: skip
+                         f"attack.sigma={eps / 4:g}", "attack.passband_hz=null")  # fmt: skip
             cases.append(Case(f"{mode}-eps{eps:g}", overrides, mode, eps))
     for strength in DEFAULT_STRENGTHS:
         overrides = ("attack.perceptual=spectral", f"attack.strength={strength}")

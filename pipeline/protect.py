@@ -18,8 +18,15 @@ import torch
 
 from pipeline.audio import quantize_within
 from pipeline.encoder import ClapView, LoadedEncoder
-from pipeline.engine import PGDParams, pgd
-from pipeline.perceptual import MaskingConfig, audibility, masking_threshold, project_below_threshold
+from pipeline.engine import PGDParams, SpectralParams, pgd, spectral_attack
+from pipeline.perceptual import (
+    LEGACY_MASKING,
+    MaskingConfig,
+    allowed_amplitude,
+    audibility,
+    masking_threshold,
+    project_below_threshold,
+)
 from pipeline.views import get_view
 from pipeline.windows import WindowPlan, blend, plan_windows
 
@@ -51,6 +58,7 @@ class ProtectedTrack:
     snr_db: float = float("nan")  # dB
     mask_energy_above: float = float("nan")  # share of δ's energy above the masking threshold
     nmr_db: float = float("nan")  # noise-to-mask ratio, dB (mean over windows)
+    capped_share: float = float("nan")  # spectral mode: share of δ's energy the L∞ cap removed (mean)
     delta_e_by_encoder: dict[str, float] = field(default_factory=dict)  # encoder id -> mean Δe
     objective: float = float("nan")  # the ensemble objective (mean or min of per-encoder Δe)
     steps_mean: float = float("nan")
@@ -84,6 +92,12 @@ def difference_figures(clean: np.ndarray, protected: np.ndarray, chunk: int = 1 
     return linf, noise**0.5, snr
 
 
+PERCEPTUAL_MODES = ("spectral", "linf", "masking")
+"""spectral: δ in the STFT domain under the music's masking threshold (engine.spectral_attack);
+linf: plain PGD in an L∞ ball; masking: legacy PGD with alternating projections onto the legacy
+masking threshold (kept to compare against, see docs/quality.md)."""
+
+
 def window_seed(seed: int, key: str, index: int) -> int:
     """A per-window RNG seed that does not depend on batching or actor placement."""
     digest = hashlib.sha256(f"{seed}\x00{key}\x00{index}".encode()).digest()
@@ -114,10 +128,14 @@ class TrackProtector:
         measure_masking: bool = True,
         ensemble: str = "mean",
         passband_hz: float | None = None,
+        margin_db: float = 0.0,
+        lr: float = 0.1,
     ):
-        if perceptual not in ("linf", "masking"):
-            raise ValueError(f"perceptual must be linf or masking, got {perceptual!r}")
+        if perceptual not in PERCEPTUAL_MODES:
+            raise ValueError(f"perceptual must be one of {'|'.join(PERCEPTUAL_MODES)}, got {perceptual!r}")
         self.perceptual = perceptual
+        self.margin_db = margin_db
+        self.lr = lr
         self.eot_views = tuple(eot_views) or ("clean48k",)
         for name in self.eot_views:
             get_view(name)  # unknown names fail here, not mid-run
@@ -222,13 +240,13 @@ class TrackProtector:
             steps.append(lambda delta, rows: julius.lowpass_filter(delta, cutoff))
         if self.perceptual == "masking":
             batch, channels, samples = x.shape
-            threshold = masking_threshold(x.reshape(batch * channels, samples), sample_rate, self.masking)
+            threshold = masking_threshold(x.reshape(batch * channels, samples), sample_rate, LEGACY_MASKING)
             threshold = threshold.reshape(batch, channels, *threshold.shape[1:])
 
             def under_mask(delta: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
                 flat = delta.reshape(-1, samples)
                 th = threshold[rows].reshape(-1, *threshold.shape[2:])
-                return project_below_threshold(flat, th, sample_rate, self.masking).reshape(delta.shape)
+                return project_below_threshold(flat, th, sample_rate, LEGACY_MASKING).reshape(delta.shape)
 
             steps.append(under_mask)
         if not steps:
@@ -241,11 +259,46 @@ class TrackProtector:
 
         return constrain
 
+    def budget(self, x: torch.Tensor, sample_rate: int) -> torch.Tensor:
+        """Spectral mode's per-bin budget of the windows x [B, C, samples]: [B, C, bins, frames]."""
+        batch, channels, samples = x.shape
+        threshold = masking_threshold(x.reshape(batch * channels, samples), sample_rate, self.masking)
+        passband = self.passband_hz if self.passband_hz is not None and self.passband_hz < sample_rate / 2 else None
+        amplitude = allowed_amplitude(
+            threshold, sample_rate, self.masking, margin_db=self.margin_db, passband_hz=passband
+        )
+        return amplitude.reshape(batch, channels, *amplitude.shape[1:])
+
+    def _attack(self, chunk: list[_Window], tracks: list[Track], x: torch.Tensor, lengths: torch.Tensor, rate: int):
+        """Run the configured method on one batch of windows."""
+        mask = (torch.arange(x.shape[-1], device=x.device)[None, :] < lengths[:, None])[:, None, :]
+        embed = self._embed_fn(rate, lengths, self.eot_views, random=True)
+        generators = [
+            torch.Generator().manual_seed(window_seed(self.seed, tracks[w.track].key, w.index)) for w in chunk
+        ]
+        if self.perceptual == "spectral":
+            budget = self.budget(x, rate)
+            noise = torch.stack([torch.randn((*budget.shape[1:], 2), generator=g) for g in generators])
+            params = SpectralParams(
+                eps=self.params.eps,
+                steps=self.params.steps,
+                lr=self.lr,
+                n_fft=self.masking.n_fft,
+                hop=self.masking.hop,
+                target_delta_e=self.params.target_delta_e,
+                precision=self.params.precision,
+            )
+            return spectral_attack(embed, x, budget, params, noise=noise, mask=mask, distance=self.distance)
+        noise = torch.stack([torch.randn(x.shape[1:], generator=g) for g in generators])
+        constrain = self._constrain_fn(x, rate)
+        return pgd(embed, x, self.params, noise=noise, mask=mask, constrain=constrain, distance=self.distance)
+
     def protect(self, tracks: list[Track]) -> list[ProtectedTrack]:
         """Protect every track; a failure is confined to the tracks of the failing batch."""
         plans = [self.plan(t.samples.shape[0], t.sample_rate) for t in tracks]
         deltas: list[list[np.ndarray | None]] = [[None] * len(p.starts) for p in plans]
         steps = [np.zeros(len(p.starts)) for p in plans]
+        capped = [np.full(len(p.starts), np.nan) for p in plans]
         seconds = [0.0] * len(tracks)
         errors = [""] * len(tracks)
         clean_embeddings: dict[tuple[int, int], torch.Tensor] = {}
@@ -254,22 +307,8 @@ class TrackProtector:
         for chunk in self._batches(tracks, plans):
             try:
                 x, lengths, rate = self._stack(tracks, plans, chunk, clean_sources)
-                mask = (torch.arange(x.shape[-1], device=x.device)[None, :] < lengths[:, None])[:, None, :]
-                noise = torch.stack(
-                    [
-                        torch.randn(
-                            x.shape[1:],
-                            generator=torch.Generator().manual_seed(
-                                window_seed(self.seed, tracks[w.track].key, w.index)
-                            ),
-                        )
-                        for w in chunk
-                    ]
-                )
                 started = time.perf_counter()
-                embed = self._embed_fn(rate, lengths, self.eot_views, random=True)
-                constrain = self._constrain_fn(x, rate)
-                result = pgd(embed, x, self.params, noise=noise, mask=mask, constrain=constrain, distance=self.distance)
+                result = self._attack(chunk, tracks, x, lengths, rate)
                 if x.device.type == "cuda":
                     torch.cuda.synchronize(x.device)
                 elapsed = time.perf_counter() - started
@@ -281,6 +320,8 @@ class TrackProtector:
             for b, w in enumerate(chunk):
                 deltas[w.track][w.index] = delta[b]
                 steps[w.track][w.index] = int(result.steps[b])
+                if result.capped_share is not None:
+                    capped[w.track][w.index] = float(result.capped_share[b])
                 seconds[w.track] += elapsed / len(chunk)
                 if self.params.precision == "fp32" and self.eot_views == ("clean48k",) and len(self.encoders) == 1:
                     clean_embeddings[(w.track, w.index)] = result.clean_embedding[b]
@@ -293,6 +334,7 @@ class TrackProtector:
                 delta = blend(plans[t], [d for d in deltas[t] if d is not None])  # [channels, samples]
                 out.samples = self._write_grid(track, delta)
                 out.steps_mean = float(steps[t].mean())
+                out.capped_share = float(np.mean(capped[t])) if self.perceptual == "spectral" else float("nan")
                 out.seconds = seconds[t]
                 out.linf, out.l2, out.snr_db = difference_figures(track.samples, out.samples)
             outputs.append(out)

@@ -63,7 +63,8 @@ class ManifestRow:
     visqol_excerpt_starts_s: list[float] = field(default_factory=list)  # start of each scored excerpt, s
     visqol_excerpt_moslqo: list[float] = field(default_factory=list)  # MOS-LQO of each (same order)
     mask_energy_above: float = float("nan")  # share of δ's energy above the clean signal's masking threshold
-    nmr_db: float = float("nan")  # noise-to-mask ratio, dB (< 0: δ under the threshold on average)
+    nmr_db: float = float("nan")  # total noise-to-mask ratio over critical bands, dB (≤ 0: δ masked on average)
+    capped_share: float = float("nan")  # spectral mode: share of δ's energy the L∞ cap ε removed (0: cap unused)
     delta_e_by_encoder: dict[str, float] = field(default_factory=dict)  # encoder id -> mean Δe (ensembles)
     objective: float = float("nan")  # the PGD objective: Δe, or the mean/min over an ensemble's encoders
     steps_mean: float = float("nan")  # PGD steps actually run per window (early stop lowers it)
@@ -122,6 +123,7 @@ MANIFEST_SCHEMA = pa.schema(
         ("visqol_excerpt_moslqo", pa.list_(pa.float64())),
         ("mask_energy_above", pa.float64()),
         ("nmr_db", pa.float64()),
+        ("capped_share", pa.float64()),
         ("delta_e_by_encoder", pa.map_(pa.string(), pa.float64())),
         ("objective", pa.float64()),
         ("steps_mean", pa.float64()),

@@ -51,6 +51,7 @@ BASE_QUALITY = (
     "delta_e_musicldm",
     "mask_energy_above",
     "nmr_db",
+    "capped_share",
     "pesq_wb",
     "stoi",
     "steps_mean",
@@ -66,6 +67,7 @@ QUALITY_LABELS = {
     "pesq_wb": "PESQ wide-band (a speech metric)",
     "stoi": "STOI (a speech metric)",
     "nmr_db": "noise-to-mask ratio (dB)",
+    "capped_share": "share of δ energy cut by the ε cap",
     "seconds": "accelerator seconds per item",
 }
 # ViSQOL has its own section (target lines, measured share): not repeated among the quality plots.

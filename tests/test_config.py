@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
 
-from pipeline.config import ConfigError, PipelineConfig, config_from_dict, load_config
+from pipeline.config import (
+    STRENGTH_MARGIN_DB,
+    AttackConfig,
+    ConfigError,
+    PipelineConfig,
+    config_from_dict,
+    load_config,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -15,7 +23,38 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_shipped_configs_load(name: str) -> None:
     cfg = load_config(ROOT / "configs" / name)
     assert isinstance(cfg, PipelineConfig)
-    assert cfg.attack.eps == 0.003
+
+
+# What a deployment may set in its attack section: its hardware (precision) and time (steps).
+DEPLOYMENT_ATTACK_KEYS = {"steps", "precision"}
+
+
+@pytest.mark.parametrize("name", ["demo.yaml", "musicldm.yaml"])
+def test_shipped_configs_inherit_the_attack_defaults(name: str) -> None:
+    """One set of defaults: the code's AttackConfig is the recommended protection; profiles set
+    only what their deployment needs (tests/test_k8s_manifests.py checks the k8s overlays)."""
+    import yaml
+
+    written = yaml.safe_load((ROOT / "configs" / name).read_text()).get("attack") or {}
+    assert set(written) <= DEPLOYMENT_ATTACK_KEYS, f"{name} sets {sorted(set(written) - DEPLOYMENT_ATTACK_KEYS)}"
+    cfg, default = load_config(ROOT / "configs" / name).attack, AttackConfig()
+    for key in set(dataclasses.asdict(default)) - DEPLOYMENT_ATTACK_KEYS:
+        assert getattr(cfg, key) == getattr(default, key), key
+
+
+def test_default_attack_is_the_measured_protection() -> None:
+    """The defaults docs/quality.md measures: spectral mode at strength 3 (3 dB under the masking
+    threshold), ε as a hard cap, δ below CLAP's 14 kHz."""
+    a = AttackConfig()
+    assert (a.perceptual, a.strength, STRENGTH_MARGIN_DB[a.strength]) == ("spectral", 3, -3.0)
+    assert a.passband_hz == 14000.0 and a.eps == 0.05
+    assert sorted(STRENGTH_MARGIN_DB) == [1, 2, 3, 4, 5]
+    margins = [STRENGTH_MARGIN_DB[k] for k in sorted(STRENGTH_MARGIN_DB)]
+    assert margins == sorted(margins)  # a higher strength never means less budget
+    with pytest.raises(ConfigError, match=r"attack\.strength"):
+        config_from_dict({}, ["attack.strength=6"])
+    with pytest.raises(ConfigError, match=r"attack\.perceptual"):
+        config_from_dict({}, ["attack.perceptual=louder"])
 
 
 def test_overrides_are_typed() -> None:

@@ -11,7 +11,7 @@ import pytest
 import soundfile as sf
 
 from pipeline import cli
-from pipeline.config import AttackConfig, ConfigError
+from pipeline.config import ConfigError
 from pipeline.demo import synthesize
 from pipeline.frontier import Case, default_cases, resolve_cases
 
@@ -92,12 +92,14 @@ def test_cases_file_errors_and_duplicates(tmp_path: Path, capsys: pytest.Capture
 
 
 def test_default_cases_are_valid() -> None:
-    """The built-in sweep resolves against the current config (spectral cases once that mode exists)."""
+    """The built-in sweep resolves against the current config: legacy modes full band over ε, the
+    spectral mode over every strength level."""
     cases = default_cases()
-    if not hasattr(AttackConfig, "strength"):
-        cases = [c for c in cases if c.mode != "spectral"]
     resolved = resolve_cases(cases, None, [], 5)
     assert [r.case.label for r in resolved] == [c.label for c in cases]
     eps_cases = [r for r in resolved if r.mode in ("linf", "masking")]
     assert all(r.cfg.attack.alpha == pytest.approx(r.eps / 5) for r in eps_cases)
+    assert all(r.cfg.attack.passband_hz is None for r in eps_cases)
+    spectral = [r for r in resolved if r.mode == "spectral"]
+    assert sorted(r.cfg.attack.strength for r in spectral) == [1, 2, 3, 4, 5]
     assert all(r.cfg.attack.steps == 5 for r in resolved)

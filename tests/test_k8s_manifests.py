@@ -303,6 +303,28 @@ def test_config_loads_with_the_pipeline_schema(target):
     assert cfg.runtime.num_actors >= 1
 
 
+# What a deployment may set in its attack section: its hardware (precision) and time (steps).
+DEPLOYMENT_ATTACK_KEYS = {"steps", "precision"}
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_attack_section_inherits_the_code_defaults(target):
+    """One set of defaults: every rendered overlay protects with the code's AttackConfig and
+    overrides only what its deployment needs."""
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    import dataclasses
+
+    from pipeline.config import AttackConfig, config_from_dict
+
+    _, config = config_of(render(target))
+    written = config.get("attack") or {}
+    assert set(written) <= DEPLOYMENT_ATTACK_KEYS, f"{target} sets {sorted(set(written) - DEPLOYMENT_ATTACK_KEYS)}"
+    attack, default = config_from_dict(config).attack, AttackConfig()
+    for key in set(dataclasses.asdict(default)) - DEPLOYMENT_ATTACK_KEYS:
+        assert getattr(attack, key) == getattr(default, key), (target, key)
+
+
 # --------------------------------------------------------------------------- GPU vs CPU
 
 

@@ -8,9 +8,19 @@ import numpy as np
 import pytest
 import torch
 
+from pipeline.config import STRENGTH_MARGIN_DB
 from pipeline.demo import synthesize
-from pipeline.engine import PGDParams
-from pipeline.perceptual import absolute_threshold_db, audibility, masking_threshold, project_below_threshold
+from pipeline.engine import PGDParams, SpectralParams, spectral_attack
+from pipeline.perceptual import (
+    LEGACY_MASKING,
+    MaskingConfig,
+    absolute_threshold_db,
+    allowed_amplitude,
+    audibility,
+    bin_frequencies,
+    masking_threshold,
+    project_below_threshold,
+)
 from pipeline.protect import Track, TrackProtector
 from pipeline.quality import pesq_wb, segmental_snr_db, stoi
 from pipeline.views import CODEC_VIEW, VIEWS, musicldm, peak_normalise, round_trip
@@ -26,14 +36,20 @@ def _db_at(threshold: torch.Tensor, hz: float, frame: int = 10) -> float:
 def test_pure_tone_masks_its_neighbourhood_not_distant_bands() -> None:
     t = torch.arange(RATE) / RATE
     tone = 0.5 * torch.sin(2 * torch.pi * 1000 * t)[None]
+    legacy = masking_threshold(tone, RATE, LEGACY_MASKING)
     threshold = masking_threshold(tone, RATE)
-    quiet = masking_threshold(torch.zeros(1, RATE), RATE)
-    near, far_low, far_high = _db_at(threshold, 1000), _db_at(threshold, 200), _db_at(threshold, 6000)
-    assert near > _db_at(quiet, 1000) + 30  # the tone raises the threshold around itself a lot
-    assert _db_at(threshold, 1100) > _db_at(quiet, 1100) + 20
-    assert far_low == pytest.approx(_db_at(quiet, 200), abs=1.0)  # distant bands: threshold in quiet
-    assert far_high == pytest.approx(_db_at(quiet, 6000), abs=1.0)
+    quiet = masking_threshold(torch.zeros(1, RATE), RATE, LEGACY_MASKING)
     assert _db_at(quiet, 1000) == pytest.approx(absolute_threshold_db(torch.tensor(1000.0)).item(), abs=0.5)
+    for model in (legacy, threshold):
+        assert _db_at(model, 1000) > _db_at(quiet, 1000) + 30  # the tone raises the threshold around itself
+    assert _db_at(legacy, 1100) > _db_at(quiet, 1100) + 20  # legacy: spread fills the next (empty) band
+    assert (threshold <= legacy * 1.0001).all()  # the music-relative model never gives more budget
+    # Distant bands: the legacy model hands them the threshold in quiet; the music-relative model
+    # gives them nothing above the 16-bit noise floor, since the tone leaves them empty.
+    for hz in (200, 6000):
+        assert _db_at(legacy, hz) == pytest.approx(_db_at(quiet, hz), abs=1.0)
+        assert _db_at(threshold, hz) == pytest.approx(MaskingConfig().noise_floor_db, abs=0.5)
+        assert _db_at(threshold, hz) < _db_at(quiet, hz) - 10
 
 
 def test_projection_lowers_audibility() -> None:
@@ -110,3 +126,97 @@ def test_passband_keeps_delta_below_cutoff(tiny_encoder) -> None:
     freqs = np.fft.rfftfreq(delta.shape[0], 1 / rate)
     above = spectrum[freqs > 9000].sum() / spectrum.sum()
     assert above < 0.05  # the ε clip after the low-pass leaks a little; plain sign steps are ~80 % up there
+
+
+# --------------------------------------------------------------------------- the model after issue 15
+
+
+def _band_limited_noise(seconds: float, rate: int, cutoff_hz: float, seed: int = 0) -> torch.Tensor:
+    """Music-like stand-in with nothing above `cutoff_hz`: white noise at -20 dBFS, low-passed."""
+    import julius
+
+    g = torch.Generator().manual_seed(seed)
+    noise = 0.1 * torch.randn(1, round(seconds * rate), generator=g)
+    return julius.lowpass_filter(noise, cutoff_hz / rate)
+
+
+def test_empty_bands_get_no_budget_from_the_threshold_in_quiet() -> None:
+    """Above a band-limited track's cutoff the legacy model's budget is the threshold in quiet on
+    the 96 dB SPL convention; the new one gives nothing beyond a dithered 16-bit floor there."""
+    rate = 44_100
+    clean = _band_limited_noise(2.0, rate, 8000.0)
+    new, legacy = masking_threshold(clean, rate), masking_threshold(clean, rate, LEGACY_MASKING)
+    freqs = bin_frequencies(rate, MaskingConfig())
+    empty = freqs > 14_000
+    floor = 10 ** (MaskingConfig().noise_floor_db / 10)
+    assert new[0, empty, 5:-5].max().item() <= floor * 1.001
+    assert legacy[0, empty, 5:-5].min().item() > 100 * floor  # > 20 dB more budget where the music has nothing
+    music = (freqs > 500) & (freqs < 6000)  # where the music is: both models mask alike (no quiet floor effect)
+    ratio = (new[0, music, 5:-5] / legacy[0, music, 5:-5]).median().item()
+    assert 0.5 < ratio <= 1.0 + 1e-6
+
+
+def test_budget_is_zero_above_the_passband_and_follows_the_margin() -> None:
+    rate = 44_100
+    threshold = masking_threshold(_band_limited_noise(1.0, rate, 16_000.0), rate)
+    full = allowed_amplitude(threshold, rate)
+    lower = allowed_amplitude(threshold, rate, margin_db=-6.0, passband_hz=8000.0)
+    freqs = bin_frequencies(rate, MaskingConfig())
+    assert lower[0, freqs > 8000].abs().max().item() == 0.0
+    below = freqs <= 8000
+    torch.testing.assert_close(lower[0, below], full[0, below] * 10 ** (-6 / 20))
+
+
+def _spectral(tiny_encoder, x: torch.Tensor, rate: int, steps: int, margin_db: float, eps: float = 0.05):
+    protector = TrackProtector(tiny_encoder, PGDParams(eps, 0.0, steps, 0.0), perceptual="spectral",
+                               margin_db=margin_db, passband_hz=14_000.0)  # fmt: skip
+    budget = protector.budget(x, rate)
+    embed = protector._embed_fn(rate, torch.tensor([x.shape[-1]] * x.shape[0]), ("clean48k",), random=False)
+    params = SpectralParams(eps=eps, steps=steps, lr=0.1)
+    noise = torch.randn((*budget.shape, 2), generator=torch.Generator().manual_seed(0))
+    return spectral_attack(embed, x, budget, params, noise=noise), budget
+
+
+def test_spectral_attack_holds_the_budget_and_the_cap(tiny_encoder) -> None:
+    rate = 44_100
+    x = _band_limited_noise(3.0, rate, 8000.0)[None]  # [1, 1, samples]
+    start, _ = _spectral(tiny_encoder, x, rate, steps=0, margin_db=-3.0)
+    result, _ = _spectral(tiny_encoder, x, rate, steps=3, margin_db=-3.0)
+    again, _ = _spectral(tiny_encoder, x, rate, steps=3, margin_db=-3.0)
+    delta = result.delta[0]
+    torch.testing.assert_close(delta, again.delta[0])  # deterministic for given start weights
+    assert result.delta_e.item() > start.delta_e.item() > 0  # Adam moved the embedding further than δ₀
+    assert delta.abs().max().item() <= 0.05 + 1e-7
+    assert 0.0 <= result.capped_share.item() <= 1.0
+    # Measured against the clean signal's threshold, δ stays under it (3 dB margin, leakage included).
+    masked = audibility(x[0], delta, rate)
+    assert masked.nmr_db.item() < 0.0
+    # Nothing above the 14 kHz passband, nothing to speak of above the music's 8 kHz.
+    spectrum = torch.fft.rfft(delta[0].double()).abs() ** 2
+    freqs = torch.fft.rfftfreq(delta.shape[-1], 1 / rate)
+    assert spectrum[freqs > 14_500].sum() / spectrum.sum() < 1e-4
+    assert spectrum[freqs > 9_000].sum() / spectrum.sum() < 0.01
+
+
+def test_a_tighter_cap_is_reported(tiny_encoder) -> None:
+    rate = 44_100
+    x = _band_limited_noise(2.0, rate, 8000.0)[None]
+    loose, _ = _spectral(tiny_encoder, x, rate, steps=1, margin_db=0.0, eps=0.5)
+    tight, _ = _spectral(tiny_encoder, x, rate, steps=1, margin_db=0.0, eps=0.002)
+    assert loose.capped_share.item() == pytest.approx(0.0, abs=1e-6)
+    assert tight.capped_share.item() > 0.1 and tight.delta.abs().max().item() <= 0.002 + 1e-8
+
+
+def test_spectral_mode_through_the_track_protector(tiny_encoder) -> None:
+    """The default mode end to end on a stereo track: under the masking threshold (NMR ≤ 0 dB),
+    inside ε, the embedding moved, the cap's effect reported."""
+    rate = 44_100
+    left = _band_limited_noise(4.0, rate, 10_000.0, seed=1)[0].numpy()
+    right = _band_limited_noise(4.0, rate, 10_000.0, seed=2)[0].numpy()
+    track = Track("t", np.stack([left, right], axis=1), rate, "PCM_24")
+    protector = TrackProtector(tiny_encoder, PGDParams(0.05, 0.0, 2, 0.0), perceptual="spectral",
+                               margin_db=STRENGTH_MARGIN_DB[3], passband_hz=14_000.0, batch_windows=2)  # fmt: skip
+    result = protector.protect([track])[0]
+    assert not result.error
+    assert result.delta_e_mean > 0 and result.nmr_db <= 0.0
+    assert result.linf <= 0.05 + 1e-6 and 0.0 <= result.capped_share <= 1.0

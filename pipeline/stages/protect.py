@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline.config import PipelineConfig
+from pipeline.config import STRENGTH_MARGIN_DB, PipelineConfig
 from pipeline.encoder import emulated_precision_note, load_configured_encoder, native_low_precision
 from pipeline.engine import PGDParams
 from pipeline.metrics import ActorMetrics, error_kind
@@ -59,6 +59,8 @@ def build_protector(cfg: PipelineConfig) -> TrackProtector:
         measure_masking=cfg.quality.masking,
         ensemble=a.ensemble,
         passband_hz=a.passband_hz,
+        margin_db=STRENGTH_MARGIN_DB[a.strength],
+        lr=a.lr,
     )
 
 

@@ -38,6 +38,7 @@ STATS = (  # per-item figures filled by the protect and quality stages, copied i
     "visqol_moslqo",
     "mask_energy_above",
     "nmr_db",
+    "capped_share",
     "objective",
     "steps_mean",
     "seconds",

@@ -36,6 +36,7 @@ WINDOW_WEIGHTED = (
     "delta_e_musicldm",
     "mask_energy_above",
     "nmr_db",
+    "capped_share",
     "objective",
     "steps_mean",
 )
