@@ -1,11 +1,18 @@
-"""Frozen CLAP audio encoder built from laion-clap's own HTSAT branch and audio projection, its
-checkpoint loading (any fsspec URL or hf://, sha256 pin, weights_only), and the differentiable
-48 kHz mono view CLAP takes of a track window.
+"""Frozen CLAP audio encoder built from laion-clap's own HTSAT branch and audio projection (unfused
+or fused, detected from the checkpoint's parameter names), its checkpoint loading (any fsspec URL
+or hf://, sha256 pin, weights_only), and the differentiable 48 kHz mono view CLAP takes of a track.
+
+Both backends embed a clip as their library does (`get_audio_embedding_from_data` here,
+`ClapFeatureExtractor` + `get_audio_features` in hf_encoder), except that the library's random
+choices are fixed: a clip longer than 10 s is cut to its first 10 s (rand_trunc), and fusion's three
+crops start at the middle of each third of the possible starts (`fusion_crop_starts`). See
+docs/encoders.md.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import shutil
@@ -25,6 +32,9 @@ CLAP_RATE = 48_000  # Hz
 CLAP_SAMPLES = 480_000  # one 10 s window at 48 kHz
 EMBED_DIM = 512
 AUDIO_PREFIXES = ("audio_branch.", "audio_projection.")
+PADDINGS = ("repeatpad", "repeat", "pad")
+# laion-clap's fusion kinds its own eval path can run (1-D kinds fail there on clips <= 10 s).
+FUSION_TYPES = ("aff_2d", "iaff_2d", "daf_2d", "channel_map")
 RANDOM_WARNING = (
     "RANDOM CLAP WEIGHTS ({spec}): this encoder protects NOTHING. Its Δe figures only show that "
     "the machinery runs. Point encoder.checkpoint at a real laion-clap checkpoint for protection."
@@ -119,6 +129,65 @@ def power_spectrogram(waveform: torch.Tensor, window: torch.Tensor, hop: int) ->
     return spec.real**2 + spec.imag**2
 
 
+def fill_clip(clip: torch.Tensor, max_samples: int, padding: str = "repeatpad") -> torch.Tensor:
+    """A clip [n ≤ max_samples] -> [max_samples] as laion-clap / ClapFeatureExtractor fill it:
+    `repeatpad` tiles it ⌊max/n⌋ times then zero-pads, `repeat` tiles it and cuts, `pad` zero-pads."""
+    n = clip.shape[-1]
+    if n >= max_samples:
+        return clip[..., :max_samples]
+    if padding == "repeatpad":
+        clip = clip.repeat(max_samples // n)
+    elif padding == "repeat":
+        clip = clip.repeat(max_samples // n + 1)[:max_samples]
+    elif padding != "pad":
+        raise ValueError(f"padding must be one of {PADDINGS}, got {padding!r}")
+    return F.pad(clip, (0, max_samples - clip.shape[-1]))
+
+
+def clips(waveform: torch.Tensor, lengths: torch.Tensor | None) -> list[torch.Tensor]:
+    """Rows of [B, samples] cut to their real lengths [B] (all of each row when None)."""
+    if lengths is None:
+        return list(waveform)
+    return [w[: int(n)] for w, n in zip(waveform, lengths)]
+
+
+def fusion_crop_starts(total_frames: int, chunk_frames: int) -> tuple[int, int, int]:
+    """Fusion's three crop starts (frames) for a mel of `total_frames` > `chunk_frames`: the
+    libraries split the possible starts into thirds (np.array_split) and draw one in each at
+    random; this takes the middle of each third (an empty third falls back to 0, as theirs do)."""
+    import numpy as np
+
+    thirds = np.array_split(np.arange(total_frames - chunk_frames + 1), 3)
+    return tuple(int(t[len(t) // 2]) if len(t) else 0 for t in thirds)  # type: ignore[return-value]
+
+
+def front_end_digest(settings: Mapping[str, Any]) -> str:
+    """8 hex digits naming a front end's settings (sorted JSON, sha256), for encoder_id `#fe=`."""
+    return hashlib.sha256(json.dumps(dict(settings), sort_keys=True).encode()).hexdigest()[:8]
+
+
+def fusion_type_of(state: Mapping[str, Any]) -> str:
+    """laion-clap fusion kind from an audio state dict's parameter names: "None" (unfused),
+    aff_2d / iaff_2d / daf_2d (patch_embed.mel_conv2d, fusion_model.local_att[2]), channel_map
+    (a 4-channel patch projection). 1-D fusion is refused: laion-clap's own eval path fails on it."""
+    keys = set(state)
+    if any(k.startswith("audio_branch.mel_conv1d.") for k in keys):
+        raise CheckpointError(
+            "checkpoint is a laion-clap 1-D fusion model (audio_branch.mel_conv1d.*: aff_1d/iaff_1d/daf_1d): "
+            "not supported; laion-clap's own eval path cannot embed clips of 10 s or less with it"
+        )
+    if "audio_branch.patch_embed.mel_conv2d.weight" in keys:
+        if any(k.startswith("audio_branch.patch_embed.fusion_model.local_att2.") for k in keys):
+            return "iaff_2d"
+        if any(k.startswith("audio_branch.patch_embed.fusion_model.local_att.") for k in keys):
+            return "aff_2d"
+        return "daf_2d"
+    proj = state.get("audio_branch.patch_embed.proj.weight")
+    if isinstance(proj, torch.Tensor) and proj.ndim == 4 and proj.shape[1] == 4:
+        return "channel_map"
+    return "None"
+
+
 class ClapAudioEncoder(nn.Module):
     """laion-clap's audio tower only: `audio_branch` (HTSAT) + `audio_projection`, with laion-clap's
     parameter names, frozen. Gradients flow to the waveform only.
@@ -132,9 +201,15 @@ class ClapAudioEncoder(nn.Module):
     backward time on CPU (an HTSAT-tiny PGD step at one thread: 1.18× faster). The kernels are
     checked against the windowed DFT at construction and after every `load_state_dict`; a
     checkpoint whose kernels differ keeps the conv (`fft_front_end` False).
+
+    `fusion_type` other than "None" builds laion-clap's fused branch (see `fusion_type_of`). Its
+    input is `get_audio_features(..., "fusion")`'s: the HTK log-mel (torchaudio's MelSpectrogram,
+    norm None, then AmplitudeToDB) of the repeat-padded clip four times over, or, for a clip longer
+    than 10 s, the whole clip's mel resized to 1001 frames (torchvision's antialiased bilinear
+    Resize) plus three 10 s crops; `longer` marks the latter.
     """
 
-    def __init__(self, amodel: str = "HTSAT-base", hub_offline: bool = True):
+    def __init__(self, amodel: str = "HTSAT-base", hub_offline: bool = True, fusion_type: str = "None"):
         super().__init__()
         factory, htsat, model = import_laion_clap(hub_offline)
         if amodel not in factory._MODEL_CONFIGS:
@@ -144,13 +219,25 @@ class ClapAudioEncoder(nn.Module):
         audio_cfg = model.CLAPAudioCfp(**cfg["audio_cfg"])
         if audio_cfg.model_type != "HTSAT":
             raise CheckpointError(f"only HTSAT audio models are supported, {amodel} is {audio_cfg.model_type}")
+        if fusion_type != "None" and fusion_type not in FUSION_TYPES:
+            raise CheckpointError(f"unsupported laion-clap fusion type {fusion_type!r}; supported: {FUSION_TYPES}")
+        if audio_cfg.sample_rate != CLAP_RATE or audio_cfg.mel_bins != 64:
+            raise CheckpointError(
+                f"{amodel}: sample_rate {audio_cfg.sample_rate} / mel_bins {audio_cfg.mel_bins}: laion-clap's "
+                f"get_audio_embedding_from_data takes {CLAP_RATE} Hz clips and fusion resizes to 64 mel bins"
+            )
         self.amodel = amodel
-        self.audio_branch = htsat.create_htsat_model(audio_cfg, enable_fusion=False, fusion_type="None")
+        self.fusion_type = fusion_type
+        self.audio_cfg = audio_cfg
+        self.audio_branch = htsat.create_htsat_model(
+            audio_cfg, enable_fusion=fusion_type != "None", fusion_type=fusion_type
+        )
         self.audio_projection = nn.Sequential(
             nn.Linear(cfg["embed_dim"], EMBED_DIM), nn.ReLU(), nn.Linear(EMBED_DIM, EMBED_DIM)
         )
         self.fft_front_end = False
         self.register_buffer("fft_window", torch.empty(0), persistent=False)
+        self.register_buffer("htk_filters", self._htk_filters(), persistent=False)  # [freq, mels]
         self._check_fft_front_end()
         self.register_load_state_dict_post_hook(lambda module, incompatible: module._check_fft_front_end())
         self.freeze()
@@ -178,6 +265,64 @@ class ClapAudioEncoder(nn.Module):
         )
         self.fft_window = window.float() if self.fft_front_end else torch.empty(0, device=real.device)
 
+    @property
+    def fused(self) -> bool:
+        return self.fusion_type != "None"
+
+    def front_end_settings(self) -> dict[str, Any]:
+        """What decides this encoder's input features (hashed into encoder_id's `#fe=`)."""
+        cfg = self.audio_cfg
+        return {
+            "backend": "laion-clap",
+            "truncation": "fusion" if self.fused else "rand_trunc",
+            "fusion_type": self.fusion_type,
+            "padding": "repeatpad",
+            "sampling_rate": cfg.sample_rate,
+            "max_samples": CLAP_SAMPLES,
+            "n_fft": cfg.window_size,
+            "hop": cfg.hop_size,
+            "n_mels": cfg.mel_bins,
+            "f_min": cfg.fmin,
+            "f_max": cfg.fmax,
+        }
+
+    def _htk_filters(self) -> torch.Tensor:
+        """torchaudio's MelSpectrogram bank as laion-clap's `get_mel` builds it (HTK, norm None);
+        transformers' `mel_filter_bank` computes the same triangles: [n_fft/2 + 1, mel_bins]."""
+        from transformers.audio_utils import mel_filter_bank
+
+        cfg = self.audio_cfg
+        bank = mel_filter_bank(
+            num_frequency_bins=cfg.window_size // 2 + 1,
+            num_mel_filters=cfg.mel_bins,
+            min_frequency=cfg.fmin,
+            max_frequency=cfg.fmax,
+            sampling_rate=cfg.sample_rate,
+            norm=None,
+            mel_scale="htk",
+        )
+        return torch.from_numpy(bank).float()
+
+    def fusion_mel(self, waveform: torch.Tensor) -> torch.Tensor:
+        """laion-clap's `get_mel`: [B, samples] -> HTK log-mel in dB [B, frames, mel_bins] (fp32)."""
+        window = torch.hann_window(self.audio_cfg.window_size, periodic=True, device=waveform.device)
+        power = power_spectrogram(waveform.float(), window, self.audio_cfg.hop_size)
+        return 10.0 * torch.log10((power @ self.htk_filters).clamp(min=1e-10))
+
+    def fusion_input(self, clip: torch.Tensor) -> tuple[torch.Tensor, bool]:
+        """One clip [n] -> (mel_fusion [4, 1001, mel_bins], longer), as get_audio_features makes it."""
+        if clip.shape[0] <= CLAP_SAMPLES:
+            return self.fusion_mel(fill_clip(clip, CLAP_SAMPLES)[None]).expand(4, -1, -1), False
+        mel = self.fusion_mel(clip[None])[0]  # [total, mel_bins]
+        chunk = CLAP_SAMPLES // self.audio_cfg.hop_size + 1
+        if mel.shape[0] == chunk:
+            return mel.expand(4, -1, -1), False
+        starts = fusion_crop_starts(mel.shape[0], chunk)
+        shrunk = F.interpolate(
+            mel[None, None], size=[chunk, self.audio_cfg.mel_bins], mode="bilinear", align_corners=False, antialias=True
+        )[0, 0]
+        return torch.stack([shrunk, *(mel[s : s + chunk] for s in starts)]), True
+
     def power_spectrogram(self, waveform: torch.Tensor) -> torch.Tensor:
         """|STFT|² of 48 kHz mono [B, samples] -> [B, 1, frames, n_fft/2 + 1], as laion-clap's
         `spectrogram_extractor` computes it (FFT when the kernels allow; see the class docstring)."""
@@ -195,8 +340,16 @@ class ClapAudioEncoder(nn.Module):
         """Always stays in eval mode (no SpecAugment, frozen batch-norm statistics)."""
         return super().train(False)
 
-    def forward(self, waveform: torch.Tensor) -> torch.Tensor:
-        """48 kHz mono [B, 480000] -> unit-norm embeddings [B, 512] (float32 when autocast is off)."""
+    def forward(self, waveform: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
+        """48 kHz mono [B, samples] -> unit-norm embeddings [B, 512] (float32 when autocast is off).
+
+        Any length: rows (their first `lengths[b]` samples when given) are filled or cut as
+        laion-clap's get_audio_embedding_from_data does (repeatpad; see the module docstring for
+        clips over 10 s). The pipeline's [B, 480000] windows go straight through."""
+        if self.fused:
+            return self._forward_fused(waveform, lengths)
+        if lengths is not None or waveform.shape[-1] != CLAP_SAMPLES:
+            waveform = torch.stack([fill_clip(clip, CLAP_SAMPLES) for clip in clips(waveform, lengths)])
         branch = self.audio_branch
         with torch.autocast(device_type=waveform.device.type, enabled=False):
             spec = self.power_spectrogram(waveform.float())  # [B, 1, frames, freq bins]
@@ -207,18 +360,35 @@ class ClapAudioEncoder(nn.Module):
         features = branch.forward_features(x)["embedding"]
         return F.normalize(self.audio_projection(features).float(), dim=-1)
 
+    def _forward_fused(self, waveform: torch.Tensor, lengths: torch.Tensor | None) -> torch.Tensor:
+        """The fused branch through laion-clap's own HTSAT forward (eval), our fp32 mel_fusion."""
+        with torch.autocast(device_type=waveform.device.type, enabled=False):
+            if lengths is None and waveform.shape[-1] == CLAP_SAMPLES:
+                mel_fusion = self.fusion_mel(waveform)[:, None].expand(-1, 4, -1, -1)
+                longer = torch.zeros(waveform.shape[0], 1, dtype=torch.bool, device=waveform.device)
+            else:
+                pairs = [self.fusion_input(clip) for clip in clips(waveform, lengths)]
+                mel_fusion = torch.stack([mel for mel, _ in pairs])
+                longer = torch.tensor([[flag] for _, flag in pairs], dtype=torch.bool, device=waveform.device)
+        out = self.audio_branch({"mel_fusion": mel_fusion, "longer": longer}, device=waveform.device)
+        return F.normalize(self.audio_projection(out["embedding"]).float(), dim=-1)
+
 
 class ClapView(nn.Module):
     """Track-domain windows -> CLAP's input: down-mix to mono, resample to 48 kHz (julius'
     windowed sinc, differentiable), then repeat-pad short windows and zero-fill as laion-clap does
-    (`repeatpad`), or crop to 480,000 samples.
+    (`repeatpad`), or crop to 480,000 samples (the first 10 s).
+
+    `full_track=True` skips the fill and the crop: [B, samples at 48 kHz], for an encoder's
+    `forward(x, lengths)` to fill, cut or fuse as its own library does.
     """
 
-    def __init__(self, source_rate: int):
+    def __init__(self, source_rate: int, full_track: bool = False):
         super().__init__()
         import julius
 
         self.source_rate = int(source_rate)
+        self.full_track = full_track
         self.resample = julius.ResampleFrac(self.source_rate, CLAP_RATE) if source_rate != CLAP_RATE else None
 
     def forward(self, x: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
@@ -226,6 +396,8 @@ class ClapView(nn.Module):
         mono = x.float().mean(dim=1)
         if self.resample is not None:
             mono = self.resample(mono)
+        if self.full_track:
+            return mono
         if mono.shape[-1] < CLAP_SAMPLES:
             mono = F.pad(mono, (0, CLAP_SAMPLES - mono.shape[-1]))
         mono = mono[..., :CLAP_SAMPLES]
@@ -300,13 +472,24 @@ def audio_state_dict(checkpoint: Mapping[str, Any]) -> dict[str, torch.Tensor]:
     return out
 
 
-def load_weights(encoder: ClapAudioEncoder, path: str | Path) -> None:
-    """Load laion-clap checkpoint weights into `encoder` (torch.load with weights_only=True)."""
+def read_audio_state(path: str | Path) -> dict[str, torch.Tensor]:
+    """The audio tensors of a laion-clap checkpoint file (torch.load with weights_only=True)."""
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # an unpickling refusal, a truncated file, not a torch file...
         raise CheckpointError(f"cannot load {path} with weights_only=True: {type(exc).__name__}: {exc}") from exc
-    state = audio_state_dict(checkpoint)
+    return audio_state_dict(checkpoint)
+
+
+def load_weights(encoder: ClapAudioEncoder, path: str | Path, state: Mapping[str, torch.Tensor] | None = None) -> None:
+    """Load laion-clap checkpoint weights (`state`, or read from `path`) into `encoder`."""
+    state = read_audio_state(path) if state is None else state
+    found = fusion_type_of(state)
+    if found != encoder.fusion_type:
+        raise CheckpointError(
+            f"{path} is a laion-clap checkpoint with fusion {found!r}, "
+            f"the encoder was built with {encoder.fusion_type!r}"
+        )
     expected = encoder.state_dict()
     missing = sorted(k for k in expected if k not in state)
     if missing:
@@ -330,7 +513,9 @@ class LoadedEncoder:
     """An encoder ready for PGD, with the identity recorded in manifests."""
 
     model: nn.Module  # ClapAudioEncoder or hf_encoder.HFClapAudioEncoder: [B, 480000] -> [B, 512]
-    encoder_id: str  # "random:HTSAT-tiny:0" or "HTSAT-base@sha256:<12 hex>"
+    # "random:HTSAT-tiny:0", "HTSAT-base@sha256:<12 hex>#fe=<8 hex>", "hf:<folder>#fe=<8 hex>":
+    # `#fe=` digests the front-end settings (front_end_digest), so different processors never look alike.
+    encoder_id: str
     is_random: bool
     device: torch.device
 
@@ -397,36 +582,41 @@ def load_encoder(
     """Build the frozen audio encoder for a checkpoint spec (see CheckpointSpec) on `device`.
 
     Raises:
-        CheckpointError: unknown model, unreachable/unpinned-mismatch/corrupt checkpoint, missing keys.
+        CheckpointError: unknown model, unreachable/unpinned-mismatch/corrupt checkpoint, missing keys,
+            a front end the code cannot reproduce (a processor setting, a fusion kind): all before
+            any audio is touched.
     """
     parsed = CheckpointSpec.parse(spec, amodel)
     model: nn.Module
     if parsed.backend == "hf":
-        from pipeline.hf_encoder import HFClapAudioEncoder, load_hf_model, random_hf_model
+        from pipeline.hf_encoder import HFClapAudioEncoder, load_hf_encoder, random_hf_model
 
         if hub_offline:
             os.environ["HF_HUB_OFFLINE"] = "1"
         if parsed.is_random:
             model = HFClapAudioEncoder(random_hf_model(parsed.amodel, parsed.seed))
+            encoder_id = str(parsed)
         else:
             assert parsed.url is not None
             try:
-                model = HFClapAudioEncoder(load_hf_model(parsed.url, cache_dir, dict(storage_options or {})))
+                model = load_hf_encoder(parsed.url, cache_dir, dict(storage_options or {}))
             except (OSError, ValueError) as exc:
                 raise CheckpointError(f"cannot load transformers CLAP from {parsed.url}: {exc}") from exc
-        encoder_id = str(parsed)
+            encoder_id = f"{parsed}#fe={model.front_end.digest}"
     elif parsed.is_random:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(parsed.seed)
             model = ClapAudioEncoder(parsed.amodel, hub_offline)
         encoder_id = str(parsed)
     else:
-        model = ClapAudioEncoder(parsed.amodel, hub_offline)
         assert parsed.url is not None
         path = resolve_checkpoint(parsed.url, cache_dir, sha256, storage_options)
-        load_weights(model, path)
+        state = read_audio_state(path)
+        laion = ClapAudioEncoder(parsed.amodel, hub_offline, fusion_type=fusion_type_of(state))
+        load_weights(laion, path, state)
+        model = laion
         digest = sha256.lower() if sha256 else file_sha256(path)
-        encoder_id = f"{parsed.amodel}@sha256:{digest[:12]}"
+        encoder_id = f"{parsed.amodel}@sha256:{digest[:12]}#fe={front_end_digest(laion.front_end_settings())}"
     if parsed.is_random:
         logger.warning(RANDOM_WARNING.format(spec=parsed))
     target = pick_device(device)
