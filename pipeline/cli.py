@@ -28,7 +28,8 @@ def _config(args: argparse.Namespace) -> PipelineConfig:
     return cfg
 
 
-def print_summary(summary, stream=sys.stdout) -> None:
+def print_summary(summary, stream=None) -> None:
+    stream = stream or sys.stdout  # looked up per call (a captured or replaced stdout)
     total = summary.all_outputs
     run = summary.this_run
     lines = [
@@ -126,6 +127,10 @@ def cmd_status(args: argparse.Namespace) -> int:
     total = merge_stats(OutputFolder(cfg.io.output, cfg.io.storage.storage_options()))
     done, pending = len(run_plan.skipped), len(run_plan.pending)
     print(f"shards: {len(run_plan.shards)} total, {done} complete, {pending} pending")
+    if run_plan.changed:
+        print(f"changed inputs: {len(run_plan.changed)} completed shard(s) whose input changed (pending again):")
+        for shard_id, why in run_plan.changed:
+            print(f"  {shard_id}: {why}")
     print(f"items: {total.items} (ok {total.ok}, error {total.error}); Δe mean {total.delta_e_mean:.3f}")
     return 0
 

@@ -160,6 +160,8 @@ class ShardStats:
     errors: dict[str, int] = field(default_factory=dict)  # error kind -> count (bounded)
     encoder_id: str = ""
     config_hash: str = ""
+    # A single shard's input when it was protected: {"url", "size" (bytes), "etag" or "mtime"}; {} in sums
+    input: dict[str, Any] = field(default_factory=dict)
 
     MAX_ERROR_KINDS = 50
 
@@ -173,7 +175,7 @@ class ShardStats:
         summed = {
             f.name: getattr(self, f.name) + getattr(other, f.name)
             for f in dataclasses.fields(self)
-            if f.name not in ("errors", "encoder_id", "config_hash")
+            if f.name not in ("errors", "encoder_id", "config_hash", "input")
         }
         return ShardStats(
             **summed,

@@ -9,25 +9,44 @@ import os
 import sys
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
+
+import yaml
 
 from pipeline.config import ConfigError, PipelineConfig
 from pipeline.encoder import RANDOM_WARNING, CheckpointSpec
 from pipeline.manifest import merge_stats
 from pipeline.metrics import DriverMetrics, NoopMetrics
 from pipeline.records import ShardStats
-from pipeline.shards import OutputFolder, ShardRef, list_shards
+from pipeline.shards import (
+    OutputFolder,
+    OutputLease,
+    ShardError,
+    ShardRef,
+    fingerprint_changed,
+    input_fingerprint,
+    list_shards,
+)
 from pipeline.stages import rows as R
 from pipeline.stages.protect import ProtectActor
 from pipeline.stages.quality import QualitySettings, quality_batch
 from pipeline.stages.read import ReadSettings, read_shard
-from pipeline.stages.write import EncodeSettings, ShardWriter, WriteSettings, encode_batch
+from pipeline.stages.write import SHARD_FAILED, EncodeSettings, ShardWriter, WriteSettings, encode_batch
 from pipeline.views import get_view
 
 logger = logging.getLogger(__name__)
 
 WRITER_CPUS = 0.1  # the shard writer only concatenates bytes and uploads
+FINGERPRINT_THREADS = 16  # parallel info / marker requests when planning
+CONFIG_NAME = "_config.yaml"
+AUDIO_SECTIONS = ("audio", "encoder", "attack")  # the settings of PipelineConfig.output_hash
+IGNORED_SETTINGS = ("encoder.cache_dir", "encoder.device")
+MISSING_SUMMARY = (
+    "no summary from the shard writer: its rows never all arrived or its commit was lost "
+    "(a Ray process died?); no marker written"
+)
 
 
 @dataclass
@@ -37,6 +56,9 @@ class RunPlan:
     shards: list[ShardRef]
     pending: list[ShardRef]
     skipped: list[str] = field(default_factory=list)  # shard ids already completed (resume)
+    # completed shards whose input changed since (shard id, what changed): pending again
+    changed: list[tuple[str, str]] = field(default_factory=list)
+    fingerprints: dict[str, dict[str, Any]] = field(default_factory=dict)  # shard id -> input fingerprint
 
 
 @dataclass
@@ -52,13 +74,86 @@ class RunSummary:
     failed_shards: list[tuple[str, str]] = field(default_factory=list)  # (shard id, why): no marker, rerun
 
 
-def plan(cfg: PipelineConfig) -> RunPlan:
-    """List input shards and split them into pending and already-completed ones."""
+def plan(cfg: PipelineConfig, shards: list[ShardRef] | None = None) -> RunPlan:
+    """List input shards (unless given) and split them into pending and already-completed ones. A
+    completed shard whose input fingerprint (size, ETag / mtime) differs from the one in its marker
+    is pending again and listed in `changed`."""
     options = cfg.io.storage.storage_options()
-    shards = list_shards(cfg.io.input, options)
-    done = set() if cfg.io.overwrite else OutputFolder(cfg.io.output, options).completed()
+    shards = list_shards(cfg.io.input, options) if shards is None else shards
+    out = OutputFolder(cfg.io.output, options)
+    done = set() if cfg.io.overwrite else out.completed()
+    with ThreadPoolExecutor(max_workers=FINGERPRINT_THREADS) as pool:
+        prints = dict(zip([s.shard_id for s in shards], pool.map(lambda s: input_fingerprint(s.url, options), shards)))
+        ids = sorted(s.shard_id for s in shards if s.shard_id in done)
+        recorded = dict(zip(ids, pool.map(lambda i: _recorded_input(out, i), ids)))
+    changed = []
+    for shard_id in ids:
+        why = fingerprint_changed(recorded[shard_id], prints[shard_id])
+        if why:
+            changed.append((shard_id, why))
+            done.discard(shard_id)
     pending = [s for s in shards if s.shard_id not in done]
-    return RunPlan(shards=shards, pending=pending, skipped=sorted(s.shard_id for s in shards if s.shard_id in done))
+    skipped = sorted(s.shard_id for s in shards if s.shard_id in done)
+    return RunPlan(shards=shards, pending=pending, skipped=skipped, changed=changed, fingerprints=prints)
+
+
+def _recorded_input(out: OutputFolder, shard_id: str) -> dict[str, Any]:
+    """The input fingerprint a shard's marker recorded ({} when none or unreadable)."""
+    try:
+        return ShardStats.from_json(out.read_text(out.marker_name(shard_id))).input
+    except FileNotFoundError:
+        return {}
+    except ValueError:  # a damaged marker: the shard is redone
+        return {"size": -1}
+
+
+def check_config(out: OutputFolder, cfg: PipelineConfig, completed: set[str]) -> str:
+    """Write `_config.yaml` once per output. When one is there, settings that change the audio must
+    match it, unless `io.overwrite` or no shard is complete yet (then it is replaced).
+
+    Returns:
+        '' when the stored config stands, else a note saying it was written (or replaced, and why).
+
+    Raises:
+        ConfigError: the output holds completed shards made with other audio settings (names them).
+    """
+    if not out.exists(CONFIG_NAME):
+        out.write_atomic(CONFIG_NAME, cfg.to_yaml().encode())
+        return f"wrote {CONFIG_NAME}"
+    old = yaml.safe_load(out.read_text(CONFIG_NAME)) or {}
+    differ = config_differences(old if isinstance(old, dict) else {}, cfg.to_dict())
+    if not differ:
+        return ""
+    listed = ", ".join(differ[:12]) + (f" (+{len(differ) - 12} more)" if len(differ) > 12 else "")
+    if cfg.io.overwrite or not completed:
+        out.write_atomic(CONFIG_NAME, cfg.to_yaml().encode())
+        return f"replaced {CONFIG_NAME} ({listed})"
+    raise ConfigError(
+        f"{cfg.io.output} holds {len(completed)} shard(s) protected with other settings that change the audio: "
+        f"{listed}. Rerun with the settings in {out.key(CONFIG_NAME)}, or pass --overwrite to redo every shard "
+        "with the new ones, or choose another --output"
+    )
+
+
+def config_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """'section.key: old -> new' for every setting that changes the audio (audio, encoder except
+    cache_dir/device, attack) present in both trees and different."""
+
+    def flat(tree: Any, prefix: str) -> dict[str, Any]:
+        if not isinstance(tree, dict):
+            return {prefix: tree}
+        items: dict[str, Any] = {}
+        for key, value in tree.items():
+            items.update(flat(value, f"{prefix}.{key}"))
+        return items
+
+    found = []
+    for section in AUDIO_SECTIONS:
+        a, b = flat(old.get(section) or {}, section), flat(new.get(section) or {}, section)
+        for key in sorted(a.keys() & b.keys()):
+            if key not in IGNORED_SETTINGS and a[key] != b[key]:
+                found.append(f"{key}: {a[key]!r} -> {b[key]!r}")
+    return found
 
 
 def init_ray(cfg: PipelineConfig) -> None:
@@ -124,8 +219,14 @@ def _clock(seconds: float) -> str:
     return f"{seconds // 3600:02d}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
 
 
-def build_dataset(cfg: PipelineConfig, pending: list[ShardRef]) -> Any:
-    """The lazy Ray dataset of per-shard summaries (nothing runs until it is iterated)."""
+def build_dataset(
+    cfg: PipelineConfig,
+    pending: list[ShardRef],
+    fingerprints: dict[str, dict[str, Any]] | None = None,
+    durable: bool = True,
+) -> Any:
+    """The lazy Ray dataset of per-shard summaries (nothing runs until it is iterated).
+    `durable=False` keeps the writer's partial shards in memory only (see WriteSettings)."""
     import ray
 
     ctx = ray.data.DataContext.get_current()
@@ -149,6 +250,8 @@ def build_dataset(cfg: PipelineConfig, pending: list[ShardRef]) -> Any:
         target_delta_e=cfg.attack.target_delta_e,
         eps=cfg.attack.eps,
         max_member_bytes=read_settings.max_member_bytes,
+        durable=durable,
+        fingerprints=dict(fingerprints or {}),
     )
     items = [{R.SHARD_ID: s.shard_id, R.SHARD_URL: s.url} for s in pending]
     ds = ray.data.from_items(items, override_num_blocks=max(1, len(items)))
@@ -206,10 +309,13 @@ def run(
     cfg: PipelineConfig,
     on_summary: Callable[[dict[str, Any]], None] | None = None,
     metrics: NoopMetrics | None = None,
+    durable: bool = True,
 ) -> RunSummary:
     """Protect every pending shard of `cfg.io.input` into `cfg.io.output`; returns totals merged
     from the stats markers on storage. `metrics` defaults to a Prometheus endpoint on
-    runtime.metrics_port (none when that is null)."""
+    runtime.metrics_port (none when that is null). Holds the output's lease throughout (LeaseHeld
+    when another driver has it); sweeps `_tmp/` at the start and the end. Every pending shard ends
+    committed or in `failed_shards`. `durable=False`: see build_dataset."""
     started = time.perf_counter()
     for name in cfg.attack.eot_views:
         try:
@@ -220,14 +326,45 @@ def run(
     random_encoder = CheckpointSpec.parse(cfg.encoder.checkpoint, cfg.encoder.amodel).is_random
     if random_encoder:
         print("WARNING: " + RANDOM_WARNING.format(spec=cfg.encoder.checkpoint), file=sys.stderr, flush=True)
-    run_plan = plan(cfg)
+    shards = list_shards(cfg.io.input, options)  # input errors before the output is touched
     out = OutputFolder(cfg.io.output, options)
-    out.ensure()
-    out.write_atomic("_config.yaml", cfg.to_yaml().encode())
+    out.ensure(clear_tmp=False)
+    lease = OutputLease(out)
+    lease.acquire()  # one driver per output: LeaseHeld names the holder
+    try:
+        return _run_leased(cfg, shards, out, lease, started, random_encoder, on_summary, metrics, durable)
+    finally:
+        try:
+            out.clear_tmp()  # spills and temp keys of this run: nothing is left under _tmp/
+        except Exception as exc:  # never hides the run's own outcome; the next run sweeps again
+            logger.warning("could not sweep %s/_tmp at the end of the run: %s", out.url, exc)
+        lease.release()
+
+
+def _run_leased(
+    cfg: PipelineConfig,
+    shards: list[ShardRef],
+    out: OutputFolder,
+    lease: OutputLease,
+    started: float,
+    random_encoder: bool,
+    on_summary: Callable[[dict[str, Any]], None] | None,
+    metrics: NoopMetrics | None,
+    durable: bool,
+) -> RunSummary:
+    """The body of `run` while this driver holds the output's lease."""
+    options = cfg.io.storage.storage_options()
+    out.clear_tmp()
+    run_plan = plan(cfg, shards)
+    note = check_config(out, cfg, set(run_plan.skipped) | {shard_id for shard_id, _ in run_plan.changed})
     for shard in run_plan.pending:
         out.remove_stale(shard.shard_id)
     progress = Progress(len(run_plan.pending), cfg.runtime.progress)
     if cfg.runtime.progress:
+        if note.startswith("replaced"):
+            print(note, flush=True)
+        for shard_id, why in run_plan.changed:
+            print(f"input of {shard_id} changed since it was protected ({why}): doing it again", flush=True)
         print(
             f"{len(run_plan.shards)} shard(s) found, {len(run_plan.skipped)} already complete, "
             f"{len(run_plan.pending)} to protect -> {cfg.io.output}",
@@ -241,28 +378,54 @@ def run(
     metrics.shards_total(len(run_plan.pending))
     input_urls = {s.shard_id: s.url for s in run_plan.pending}
     failed: list[tuple[str, str]] = []
+    heard: set[str] = set()
+
+    def take(summary: dict[str, Any]) -> None:
+        nonlocal this_run
+        heard.add(summary["shard_id"])
+        progress.update(summary)
+        stats = ShardStats.from_json(summary["stats_json"])
+        this_run = this_run + stats
+        if on_summary is not None:
+            on_summary(summary)
+        if summary["failed"]:
+            failed.append((summary["shard_id"], summary["failed"]))
+            return
+        metrics.record_committed_shard(
+            out,
+            summary["shard_id"],
+            stats,
+            input_url=input_urls.get(summary["shard_id"]),
+            storage_options=options,
+        )
+
+    aborted = ""
     try:
         if run_plan.pending:
             init_ray(cfg)
-            for summary in build_dataset(cfg, run_plan.pending).iter_rows():
-                progress.update(summary)
-                stats = ShardStats.from_json(summary["stats_json"])
-                this_run = this_run + stats
-                if on_summary is not None:
-                    on_summary(summary)
-                if summary["failed"]:
-                    failed.append((summary["shard_id"], summary["failed"]))
-                    continue
-                metrics.record_committed_shard(
-                    out,
-                    summary["shard_id"],
-                    stats,
-                    input_url=input_urls.get(summary["shard_id"]),
-                    storage_options=options,
-                )
+            dataset = build_dataset(cfg, run_plan.pending, run_plan.fingerprints, durable=durable)
+            try:
+                for summary in dataset.iter_rows():
+                    if summary["shard_id"] not in heard:  # a replayed writer call may repeat one
+                        take(summary)
+            except Exception as exc:  # Ray gave up: every shard not heard of is failed below
+                aborted = f"run aborted: {type(exc).__name__}: {str(exc)[:500]}"
+                logger.error("%s", aborted)
+        # Complete = every pending shard committed or reported failed. A shard with no summary
+        # is committed if its marker is there (the writer died after committing it), else failed.
+        for shard in run_plan.pending:
+            if shard.shard_id in heard:
+                continue
+            if out.exists(out.marker_name(shard.shard_id)):
+                stats_json = out.read_text(out.marker_name(shard.shard_id))
+                take(_summary(shard.shard_id, ShardStats.from_json(stats_json), ""))
+            else:
+                take(_summary(shard.shard_id, ShardStats(errors={SHARD_FAILED: 1}), aborted or MISSING_SUMMARY))
     finally:
         if owns_metrics:
             metrics.stop()
+    if lease.lost:
+        raise ShardError(f"lost the lease on {cfg.io.output} during the run ({lease.lost}); rerun to check it")
     return RunSummary(
         processed_shards=progress.done,
         skipped_shards=len(run_plan.skipped),
@@ -272,3 +435,17 @@ def run(
         random_encoder=random_encoder,
         failed_shards=failed,
     )
+
+
+def _summary(shard_id: str, stats: ShardStats, failed: str) -> dict[str, Any]:
+    """A summary row like the writer's, for a shard the driver settles itself."""
+    return {
+        "shard_id": shard_id,
+        "items": stats.items,
+        "ok": stats.ok,
+        "error": stats.error,
+        "delta_e_sum": stats.delta_e_sum,
+        "audio_seconds": stats.audio_seconds,
+        "stats_json": stats.to_json(),
+        "failed": failed,
+    }

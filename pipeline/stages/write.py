@@ -6,10 +6,11 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 
 from pipeline.audio import AudioEncodeError, OutputFormat, check_written, encode
 from pipeline.manifest import commit_shard
@@ -84,6 +85,11 @@ class WriteSettings:
     target_delta_e: float
     eps: float = float("nan")  # attack.eps: the bound checked on assembled long tracks (NaN: never claimed)
     max_member_bytes: int = 1 << 30  # for fetching a failed long track's original bytes again
+    # Spill the rows of incomplete shards under _tmp/spill/ so that a restarted writer rebuilds its
+    # state; False keeps them in memory only (a lost writer then fails those shards, see ShardWriter).
+    durable: bool = True
+    # shard id -> fingerprint of its input (size, ETag / mtime), recorded in the marker
+    fingerprints: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 def shard_outputs(
@@ -153,6 +159,31 @@ def shard_outputs(
     return members, manifest, stats
 
 
+def _plain(value: Any) -> Any:
+    """A row value as plain Python (numpy arrays and scalars from Ray's batches -> lists, items)."""
+    if isinstance(value, np.ndarray):
+        return [_plain(v) for v in value.tolist()] if value.dtype == object else value.tolist()
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    return value
+
+
+def spill_bytes(rows: list[dict[str, Any]]) -> bytes:
+    """Rows -> one Arrow IPC stream (plain columns only: no pickling, safe to read back)."""
+    table = pa.Table.from_pylist([{k: _plain(v) for k, v in row.items()} for row in rows])
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table)
+    return sink.getvalue().to_pybytes()
+
+
+def spill_rows(data: bytes) -> list[dict[str, Any]]:
+    """The rows of one spill object (inverse of spill_bytes)."""
+    return pa.ipc.open_stream(pa.py_buffer(data)).read_all().to_pylist()
+
+
 def _replace_last(extension: str, new_last: str) -> str:
     """'audio.mp3' with 'flac' -> 'audio.flac' (keeps any inner extension parts)."""
     head, _, _ = extension.rpartition(".")
@@ -160,35 +191,84 @@ def _replace_last(extension: str, new_last: str) -> str:
 
 
 class ShardWriter:
-    """map_batches callable class (a single actor): buffers rows per shard until `shard_items` rows
-    have arrived, then commits the shard and emits one summary row for it."""
+    """map_batches callable class (a single actor): gathers rows per shard until all `shard_items`
+    rows have arrived, then commits the shard and emits one summary row for it.
+
+    Its state survives its own death (Ray restarts the actor and replays only the batch in flight):
+    with `settings.durable`, rows of a shard still incomplete at the end of a call are first
+    written under `_tmp/spill/<shard>/` (Arrow IPC, one object per call and shard), and a restarted
+    writer reloads them the first time it sees that shard again. Rows are keyed by (index,
+    segment), so a replayed batch adds nothing twice, and rows of a shard whose marker exists
+    (committed by this run before the restart) are ignored. A shard that still never completes is
+    failed by the driver (no summary), never lost silently."""
 
     def __init__(self, settings: WriteSettings):
         self.settings = settings
         self.out = OutputFolder(settings.output, settings.storage_options)
-        self.pending: dict[str, list[dict[str, Any]]] = {}
-        self.received: dict[str, int] = {}  # rows of each shard seen so far (segments count one each)
+        self.pending: dict[str, list[dict[str, Any]]] = {}  # shard -> complete track rows
+        self.seen: dict[str, set[tuple[int, int]]] = {}  # shard -> (index, segment) of rows received
         self.segments: dict[tuple[str, int], list[dict[str, Any]]] = {}  # (shard, index) -> parts
         self.started: dict[str, float] = {}
+        self.committed: set[str] = set()  # shards this writer found committed: later rows are replays
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
         summaries = []
+        fresh: dict[str, list[dict[str, Any]]] = {}  # rows of this call, per shard, to spill
         for row in R.batch_to_rows(batch):
             shard_id = row[R.SHARD_ID]
-            self.started.setdefault(shard_id, time.perf_counter())
-            bucket = self.pending.setdefault(shard_id, [])
-            self.received[shard_id] = self.received.get(shard_id, 0) + 1
-            if is_segment(row):
-                parts = self.segments.setdefault((shard_id, row[R.INDEX]), [])
-                parts.append(row)
-                if len(parts) == row[R.SEGMENTS]:
-                    bucket.append(self._assemble(self.segments.pop((shard_id, row[R.INDEX]))))
-            else:
-                bucket.append(row)
-            if self.received[shard_id] == row[R.SHARD_ITEMS]:
-                del self.received[shard_id]
+            if shard_id not in self.seen and shard_id not in self.committed:
+                self._restore(shard_id)
+            if shard_id in self.committed:
+                continue
+            copy = dict(row)
+            if not self._accept(row):
+                continue  # a replayed row already held
+            fresh.setdefault(shard_id, []).append(copy)
+            if len(self.seen[shard_id]) == row[R.SHARD_ITEMS]:
                 summaries.append(self._commit(shard_id, self.pending.pop(shard_id)))
+                del self.seen[shard_id]
+                self.committed.add(shard_id)
+                fresh.pop(shard_id, None)
+                if self.settings.durable:
+                    self.out.remove_spill(shard_id)
+        if self.settings.durable:
+            for shard_id, rows in fresh.items():
+                self.out.write_spill(shard_id, spill_bytes(rows))
         return {c: [s[c] for s in summaries] for c in SUMMARY_COLUMNS}
+
+    def _accept(self, row: dict[str, Any]) -> bool:
+        """Take one row into the shard's state; False when the same (index, segment) was already held."""
+        shard_id = row[R.SHARD_ID]
+        seen = self.seen.setdefault(shard_id, set())
+        ident = (int(row[R.INDEX]), int(row.get(R.SEGMENT) or 0))
+        if ident in seen:
+            return False
+        seen.add(ident)
+        self.started.setdefault(shard_id, time.perf_counter())
+        bucket = self.pending.setdefault(shard_id, [])
+        if is_segment(row):
+            parts = self.segments.setdefault((shard_id, row[R.INDEX]), [])
+            parts.append(row)
+            if len(parts) == row[R.SEGMENTS]:
+                bucket.append(self._assemble(self.segments.pop((shard_id, row[R.INDEX]))))
+        else:
+            bucket.append(row)
+        return True
+
+    def _restore(self, shard_id: str) -> None:
+        """First sight of a shard in this writer process: is it committed already (by an earlier
+        instance of this writer, in this run), or did an earlier instance spill rows of it?"""
+        if not self.settings.durable:
+            return
+        if self.out.exists(self.out.marker_name(shard_id)):
+            self.committed.add(shard_id)
+            return
+        restored = 0
+        for data in self.out.read_spills(shard_id):
+            for row in spill_rows(data):
+                restored += self._accept(row)
+        if restored:
+            logger.warning("shard %s: %d row(s) restored from the spill of an earlier writer", shard_id, restored)
 
     def _assemble(self, parts: list[dict[str, Any]]) -> dict[str, Any]:
         """The segment rows of one long track -> one encoded track row (as encode_batch makes).
@@ -225,7 +305,7 @@ class ShardWriter:
         row[R.AUDIO_MEMBER] = -1
 
     def _commit(self, shard_id: str, rows: list[dict[str, Any]]) -> dict[str, Any]:
-        started = self.started.pop(shard_id)
+        started = self.started.pop(shard_id, time.perf_counter())
         storage = [
             r[R.ERROR] for r in rows if r[R.KIND] == R.KIND_SHARD and r[R.ERROR].startswith(UNCOMMITTED_SHARD_ERRORS)
         ]
@@ -234,6 +314,7 @@ class ShardWriter:
         try:
             members, manifest, stats = shard_outputs(rows, self.settings)
             stats.wall_seconds = time.perf_counter() - started
+            stats.input = dict(self.settings.fingerprints.get(shard_id, {}))
             commit_shard(self.out, shard_id, build_tar(members), manifest, stats)
         except Exception as exc:  # a shard that cannot be written fails alone, never the run
             return self._failed(shard_id, f"write: {type(exc).__name__}: {exc}")

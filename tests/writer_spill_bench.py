@@ -1,0 +1,101 @@
+"""Throughput of the durable shard writer (rows of incomplete shards spilled under _tmp/spill/)
+against the old memory-only one, on the demo catalog. Not a test; run it by hand:
+
+    HF_HUB_OFFLINE=1 RAY_AUTH_MODE=disabled .venv/bin/python tests/writer_spill_bench.py /tmp/spill-bench
+
+1. The writer alone (no Ray): the demo's rows, protected by a stand-in (tests/test_bad_input.py's
+   fake_protect) and encoded, fed one row per call (every incomplete shard spills after every
+   call: the worst case); seconds per shard, durable vs memory-only.
+2. The whole pipeline (`pipeline.stages.pipeline.run`) on the demo catalog with configs/demo.yaml,
+   one track per call and 64 KiB blocks (every shard reaches the writer in several blocks), once
+   memory-only and once durable, same Ray session; items/s of each and their ratio.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from pipeline.config import load_config
+from pipeline.demo import write_demo_catalog
+from pipeline.shards import list_shards
+from pipeline.stages import rows as R
+from pipeline.stages.pipeline import run
+from pipeline.stages.read import ReadSettings, read_shard
+from pipeline.stages.write import ShardWriter, WriteSettings, encode_batch
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _repo_tests_module(name: str) -> Any:
+    """A module of this repository's tests/ (laion-clap installs a `tests` package that would win)."""
+    import importlib.util
+    import types
+
+    package = types.ModuleType("tests")
+    package.__path__ = [str(REPO / "tests")]
+    sys.modules["tests"] = package
+    for module in ("conftest", name):
+        spec = importlib.util.spec_from_file_location(f"tests.{module}", REPO / "tests" / f"{module}.py")
+        loaded = importlib.util.module_from_spec(spec)
+        sys.modules[f"tests.{module}"] = loaded
+        spec.loader.exec_module(loaded)
+    return sys.modules[f"tests.{name}"]
+
+
+def writer_only(catalog: Path, work: Path, durable: bool, repeats: int = 5) -> float:
+    """Seconds per shard of ShardWriter fed one row per call."""
+    fake_protect = _repo_tests_module("test_bad_input").fake_protect
+
+    settings = ReadSettings(("wav", "flac", "ogg", "mp3"), 1 << 30, {})
+    shards = []
+    for ref in list_shards(str(catalog)):
+        rows = fake_protect(list(read_shard({R.SHARD_ID: ref.shard_id, R.SHARD_URL: ref.url}, settings)))
+        shards.append(R.batch_to_rows(encode_batch(R.rows_to_batch(rows, list(rows[0])))))
+    started = time.perf_counter()
+    for i in range(repeats):
+        out = work / f"writer-{durable}-{i}"
+        writer = ShardWriter(WriteSettings(str(out), {}, "passthrough", "h", 0.5, durable=durable))
+        for rows in shards:
+            for row in rows:
+                writer(R.rows_to_batch([row], list(row)))
+        shutil.rmtree(out)
+    return (time.perf_counter() - started) / (repeats * len(shards))
+
+
+def pipeline_run(catalog: Path, out: Path, durable: bool) -> float:
+    """Items/s of one whole run (multi-block shards)."""
+    import ray
+
+    cfg = load_config(
+        REPO / "configs" / "demo.yaml",
+        [f"io.input={catalog}", f"io.output={out}", "runtime.tracks_per_call=1", "runtime.progress=false"],
+    )
+    ray.data.DataContext.get_current().target_max_block_size = 64 * 1024
+    summary = run(cfg, durable=durable)
+    assert not summary.failed_shards and summary.this_run.shards == 2
+    return summary.this_run.items / summary.wall_seconds
+
+
+def main(work: Path) -> None:
+    import ray
+
+    shutil.rmtree(work, ignore_errors=True)
+    catalog = work / "catalog"
+    write_demo_catalog(catalog)
+    memory = writer_only(catalog, work, durable=False)
+    durable = writer_only(catalog, work, durable=True)
+    print(f"writer alone, one row per call: memory-only {memory * 1000:.1f} ms/shard, ", end="")
+    print(f"durable {durable * 1000:.1f} ms/shard (ratio {durable / memory:.2f})")
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    old = pipeline_run(catalog, work / "out-memory", durable=False)
+    new = pipeline_run(catalog, work / "out-durable", durable=True)
+    print(f"demo pipeline: memory-only {old:.3f} items/s, durable {new:.3f} items/s, ", end="")
+    print(f"throughput ratio durable/memory {new / old:.3f}")
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1] if len(sys.argv) > 1 else "/tmp/spill-bench"))
