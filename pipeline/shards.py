@@ -731,6 +731,17 @@ LEASE_TTL_S = 120.0  # a lease whose heartbeat is older than this (seconds) may 
 LEASE_HEARTBEAT_S = 20.0  # how often the holder renews it (seconds)
 
 
+def _alive(pid: int) -> bool:
+    """Whether a process with this id exists on this host."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, another user's
+        return True
+    return True
+
+
 def _precondition_failed(exc: BaseException) -> bool:
     """Whether an S3 error is HTTP 412 (a conditional request's condition did not hold)."""
     for link in _chain(exc):
@@ -835,6 +846,10 @@ class OutputLease:
         return (self.read() or {}).get("token") == self.token
 
     def _stale(self, holder: dict[str, Any]) -> bool:
+        """Expired heartbeat, or a holder on this host whose process is gone (no need to wait)."""
+        pid = holder.get("pid")
+        if holder.get("host") == self.host and isinstance(pid, int) and pid != os.getpid() and not _alive(pid):
+            return True
         beat = holder.get("heartbeat")
         if not isinstance(beat, (int, float)):  # unparseable: judged by the object's age
             try:

@@ -61,6 +61,10 @@ def test_a_restarted_writer_rebuilds_its_partial_shards_from_the_spill(tmp_path:
     assert [s["shard_id"] for s in summary] == ["s-000"] and summary[0]["failed"] == ""
     assert manifest_keys(out) == Counter({"k0": 1, "k1": 1, "k2": 1, "k3": 1})
     assert not (out / TMP_DIR).exists()  # the spill goes with the commit
+    whole = tmp_path / "whole"
+    _call(_writer(whole), rows)  # the same rows in one call, never spilled: the same bytes
+    assert (whole / "s-000.tar").read_bytes() == (out / "s-000.tar").read_bytes()
+    assert (whole / "s-000.parquet").read_bytes() == (out / "s-000.parquet").read_bytes()
 
 
 def test_rows_of_a_shard_committed_before_the_restart_are_ignored(tmp_path: Path) -> None:
@@ -285,6 +289,25 @@ def test_a_stale_lease_is_taken_over_and_a_live_one_is_not(tmp_path: Path) -> No
     assert dead.lost.startswith("taken over by")
     taker.release()
     assert taker.read() is None
+
+
+def test_a_lease_of_a_dead_process_on_this_host_is_taken_over_at_once(tmp_path: Path) -> None:
+    """A driver killed with SIGKILL on this machine: the rerun need not wait for the TTL."""
+    import subprocess
+    import sys
+
+    out = OutputFolder(str(tmp_path / "out"))
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    lease = OutputLease(out)
+    body = json.loads(lease._body())
+    body.update(pid=int(dead.stdout), token="old")
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / LEASE_NAME).write_text(json.dumps(body))
+    lease.acquire()
+    try:
+        assert lease.read()["token"] == lease.token
+    finally:
+        lease.release()
 
 
 def test_the_heartbeat_keeps_a_lease_alive(tmp_path: Path) -> None:
