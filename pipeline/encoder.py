@@ -135,6 +135,8 @@ def fill_clip(clip: torch.Tensor, max_samples: int, padding: str = "repeatpad") 
     n = clip.shape[-1]
     if n >= max_samples:
         return clip[..., :max_samples]
+    if n == 0:
+        return clip.new_zeros(max_samples)
     if padding == "repeatpad":
         clip = clip.repeat(max_samples // n)
     elif padding == "repeat":
@@ -535,6 +537,40 @@ def load_configured_encoder(
         device=cfg.device,
         storage_options=storage_options,
     )
+
+
+def check_configured_encoders(cfg: Any, storage_options: Mapping[str, Any] | None) -> None:
+    """Refuse, before any shard is read, an encoder (cfg.checkpoint and cfg.ensemble: an
+    EncoderConfig) whose front end the code cannot reproduce, without building a tower: hf folders'
+    config.json + processor config; laion files' fusion kind from their parameter names (a
+    memory-mapped weights_only load: the checkpoint is fetched into the cache, where the workers
+    find it). Raises CheckpointError saying what and why."""
+    for spec in (cfg.checkpoint, *getattr(cfg, "ensemble", ())):
+        parsed = CheckpointSpec.parse(spec, cfg.amodel)
+        if parsed.is_random:
+            continue
+        assert parsed.url is not None
+        if parsed.backend == "hf":
+            from pipeline.hf_encoder import check_hf_checkpoint
+
+            if cfg.hub_offline:
+                os.environ["HF_HUB_OFFLINE"] = "1"
+            try:
+                check_hf_checkpoint(parsed.url, cfg.cache_dir, dict(storage_options or {}))
+            except (OSError, ValueError) as exc:
+                raise CheckpointError(f"cannot load transformers CLAP from {parsed.url}: {exc}") from exc
+            continue
+        sha256 = cfg.sha256 if spec == cfg.checkpoint else None
+        path = resolve_checkpoint(parsed.url, cfg.cache_dir, sha256, storage_options)
+        try:
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as exc:  # not the zip format mmap needs (a legacy torch.save)
+            if "mmap" not in str(exc):
+                raise CheckpointError(f"cannot load {path} with weights_only=True: {exc}") from exc
+            checkpoint = read_audio_state(path)
+        except Exception as exc:
+            raise CheckpointError(f"cannot load {path} with weights_only=True: {type(exc).__name__}: {exc}") from exc
+        fusion_type_of(audio_state_dict(checkpoint))
 
 
 def pick_device(device: str) -> torch.device:

@@ -387,3 +387,21 @@ def load_hf_encoder(source: str, cache_dir: str, storage_options: dict | None = 
         model = ClapAudioModelWithProjection.from_pretrained(source)
         raw, found = find_processor_config(None, source)
     return HFClapAudioEncoder(model, HFFrontEnd.from_config(raw, model.config, found))
+
+
+def check_hf_checkpoint(source: str, cache_dir: str, storage_options: dict | None = None) -> HFFrontEnd:
+    """`load_hf_encoder`'s front-end checks without building the tower (config.json and the
+    processor config only): for a driver to refuse a checkpoint before any shard is read."""
+    from transformers import ClapAudioConfig
+
+    local: Path | None = Path(source.removeprefix("file://")).expanduser()
+    if "://" in source and not source.startswith("file://"):
+        local = _fetch_folder(source, cache_dir, storage_options)
+    assert local is not None
+    if local.is_dir():
+        raw, found = find_processor_config(local)
+        tower = ClapAudioConfig.from_pretrained(str(local))
+    else:
+        raw, found = find_processor_config(None, source)
+        tower = ClapAudioConfig.from_pretrained(source)
+    return HFFrontEnd.from_config(raw, tower, found)

@@ -201,3 +201,23 @@ def test_emulated_precision_note(monkeypatch) -> None:
     assert encoder.emulated_precision_note(cpu, "fp32") == ""  # fp32 is never emulated
     monkeypatch.setattr(encoder, "native_low_precision", lambda device: True)
     assert encoder.emulated_precision_note(cpu, "bf16") == ""
+
+
+@pytest.mark.parametrize("mode", ["repeatpad", "repeat", "pad"])
+def test_fill_clip_matches_laion_clap(tiny_encoder, mode: str) -> None:
+    """encoder.fill_clip fills a short clip as laion-clap's get_audio_features does."""
+    from laion_clap.training.data import get_audio_features
+
+    from pipeline.encoder import fill_clip
+
+    clip = torch.rand(100_003) - 0.5
+    sample = get_audio_features({}, clip, 480_000, "rand_trunc", mode, {})
+    torch.testing.assert_close(fill_clip(clip, 480_000, mode), sample["waveform"], atol=0, rtol=0)
+
+
+def test_fusion_crop_starts_are_the_middle_of_each_third() -> None:
+    from pipeline.encoder import fusion_crop_starts
+
+    thirds = np.array_split(np.arange(2501 - 1001 + 1), 3)  # a 25 s clip: 2501 frames
+    assert fusion_crop_starts(2501, 1001) == tuple(int(t[len(t) // 2]) for t in thirds) == (250, 751, 1251)
+    assert fusion_crop_starts(1002, 1001) == (0, 1, 0)  # empty thirds fall back to 0, as the libraries do
