@@ -411,3 +411,36 @@ def test_driver_preflight_refuses_before_any_shard(tmp_path: Path, fused_encoder
     torch.save(one_d, tmp_path / "1d.pt")
     with pytest.raises(CheckpointError, match="1-D fusion"):
         check_configured_encoders(EncoderConfig(checkpoint=str(tmp_path / "1d.pt"), cache_dir=cache), None)
+
+
+@pytest.mark.parametrize("seconds", [4, 25])
+def test_hf_other_rate_hop_fft_and_padding(tmp_path: Path, seconds: int) -> None:
+    """A processor that moves every remaining setting: 32 kHz, hop 400, FFT 2048, 20–12,000 Hz,
+    padding `repeat`. Our encoder takes 48 kHz and resamples inside; the library gets librosa's 32 kHz."""
+    import librosa
+    from transformers import ClapFeatureExtractor, ClapModel
+
+    processor = {
+        "truncation": "rand_trunc",
+        "padding": "repeat",
+        "sampling_rate": 32_000,
+        "hop_length": 400,
+        "fft_window_size": 2048,
+        "frequency_min": 20,
+        "frequency_max": 12_000,
+    }
+    save_hf_checkpoint(tmp_path, False, processor, seed=1)
+    loaded = load_encoder(f"hf:{tmp_path}", device="cpu")
+    assert (loaded.model.front_end.max_samples, loaded.model.front_end.n_fft) == (320_000, 2048)
+    clip48 = library_48k(seconds, 48_000)
+    clip32 = librosa.resample(clip48, orig_sr=48_000, target_sr=32_000)[: clip48.shape[0] * 2 // 3]
+    with library_draws_pinned():
+        inputs = ClapFeatureExtractor.from_pretrained(tmp_path)(clip32, sampling_rate=32_000, return_tensors="pt")
+    with torch.no_grad():
+        expected = ClapModel.from_pretrained(tmp_path).eval().get_audio_features(**inputs)
+        expected = getattr(expected, "pooler_output", expected)
+        x = torch.from_numpy(clip48)[None]
+        ours = loaded.model(x, torch.tensor([x.shape[-1]]))
+    value = cosine(ours, expected)
+    print(f"fidelity hf-32k-hop400-fft2048-repeat {seconds}s 48000Hz cosine={value:.6f}")
+    assert value >= COSINE
