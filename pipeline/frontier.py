@@ -474,42 +474,47 @@ def render_markdown(
 def render_figure(
     rows: list[FrontierRow], cases: list[ResolvedCase], path: Path, target_delta_e: float, random_encoder: bool
 ) -> None:
-    """frontier.png: median Δe (clean view | MusicLDM view) against median MOS-LQO, one line per mode
-    through its levels, target lines at MOS 4.0/4.5 and Δe = target."""
+    """frontier.png: median Δe (clean view | MusicLDM view) against the median MOS-LQO (top row) and
+    the worst excerpt's MOS-LQO (bottom row), one line per mode through its levels; MOS lines at
+    4.0/4.5, and the Δe target where early stopping was on (target ≤ 2, the largest possible Δe)."""
     import matplotlib
 
     matplotlib.use("Agg")
     from matplotlib.figure import Figure
 
     table = summary(rows, cases)
-    fig = Figure(figsize=(12, 5), dpi=100, layout="constrained")
-    panels = [
-        ("delta_e_median", "median Δe, clean 48 kHz view"),
-        ("delta_e_musicldm_median", "median Δe, MusicLDM view"),
-    ]
+    fig = Figure(figsize=(12, 9), dpi=100, layout="constrained")
+    columns = [("delta_e_median", "clean 48 kHz view"), ("delta_e_musicldm_median", "MusicLDM view")]
+    quality = [("mos_median", "median"), ("mos_min", "worst excerpt's")]
     modes = list(dict.fromkeys(s["mode"] for s in table))
-    for i, (column, xlabel) in enumerate(panels):
-        ax = fig.add_subplot(1, 2, i + 1)
-        for mode in modes:
-            points = sorted((s for s in table if s["mode"] == mode), key=lambda s: s["level"])
-            x = [s[column] for s in points]
-            y = [s["mos_median"] for s in points]
-            ax.plot(x, y, marker="o", label=mode)
-            for s, xi, yi in zip(points, x, y):
-                if np.isfinite(xi) and np.isfinite(yi):
-                    ax.annotate(f"{s['level']:g}", (xi, yi), textcoords="offset points", xytext=(4, 4), fontsize=8)
-        for mos in TARGET_LINES_MOS:
-            ax.axhline(mos, color="grey", linestyle="--", linewidth=1)
-        ax.axvline(target_delta_e, color="black", linestyle=":", linewidth=1.2, label=f"Δe target {target_delta_e:g}")
-        xs = [s[column] for s in table if np.isfinite(s[column])]
-        ys = [s["mos_median"] for s in table if np.isfinite(s["mos_median"])]
-        ax.set_xlim(0.0, 1.1 * max([*xs, target_delta_e]))
-        ax.set_ylim(min([*ys, min(TARGET_LINES_MOS)]) - 0.15, 4.8)  # MOS-LQO tops out at 4.73
-        ax.set_xlabel(xlabel)
-        ax.set_ylabel("median ViSQOL MOS-LQO")
-        ax.grid(alpha=0.3)
-        ax.legend(loc="best", fontsize=8)
-    title = "Quality vs efficacy (points labelled by level: ε or strength)"
+    for row, (mos_key, mos_label) in enumerate(quality):
+        for col, (column, view) in enumerate(columns):
+            ax = fig.add_subplot(2, 2, 2 * row + col + 1)
+            for mode in modes:
+                points = sorted((s for s in table if s["mode"] == mode), key=lambda s: s["level"])
+                x = [s[column] for s in points]
+                y = [s[mos_key] for s in points]
+                ax.plot(x, y, marker="o", label=mode)
+                for s, xi, yi in zip(points, x, y):
+                    if np.isfinite(xi) and np.isfinite(yi):
+                        text = f"s{s['level']:g}" if mode == "spectral" else f"{s['level']:g}"
+                        ax.annotate(text, (xi, yi), textcoords="offset points", xytext=(4, -10), fontsize=7)
+            for mos in TARGET_LINES_MOS:
+                ax.axhline(mos, color="grey", linestyle="--", linewidth=1)
+            xs = [s[column] for s in table if np.isfinite(s[column])]
+            ys = [s[mos_key] for s in table if np.isfinite(s[mos_key])]
+            right = max(xs, default=0.1)
+            if target_delta_e <= 2.0:
+                target_label = f"Δe target {target_delta_e:g}"
+                ax.axvline(target_delta_e, color="black", linestyle=":", linewidth=1.2, label=target_label)
+                right = max(right, target_delta_e)
+            ax.set_xlim(0.0, 1.15 * right)
+            ax.set_ylim(min([*ys, min(TARGET_LINES_MOS)]) - 0.15, 4.8)  # MOS-LQO tops out at 4.73
+            ax.set_xlabel(f"median Δe, {view}")
+            ax.set_ylabel(f"{mos_label} ViSQOL MOS-LQO")
+            ax.grid(alpha=0.3)
+            ax.legend(loc="lower left", fontsize=8)
+    title = "Quality vs efficacy (points: ε for linf/masking, strength s1-s5 for spectral)"
     if random_encoder:
         title = "RANDOM ENCODER WEIGHTS: Δe shows the mechanism, not real protection\n" + title
     fig.suptitle(title)

@@ -86,9 +86,7 @@ def stft(signal: torch.Tensor, cfg: MaskingConfig = MaskingConfig()) -> torch.Te
 
 def synthesize(spectrum: torch.Tensor, length: int, cfg: MaskingConfig = MaskingConfig()) -> torch.Tensor:
     """Inverse of :func:`stft`: complex [N, bins, frames] -> [N, length] samples (differentiable)."""
-    return torch.istft(
-        spectrum, cfg.n_fft, cfg.hop, window=_window(cfg, spectrum.device), center=True, length=length
-    )
+    return torch.istft(spectrum, cfg.n_fft, cfg.hop, window=_window(cfg, spectrum.device), center=True, length=length)
 
 
 def spl_reference(cfg: MaskingConfig = MaskingConfig()) -> float:

@@ -221,6 +221,23 @@ def test_ignored_setting_that_disagrees_fails(tmp_path: Path) -> None:
         load_encoder(f"hf:{tmp_path}", device="cpu")
 
 
+def test_a_protect_run_refuses_an_unhonourable_checkpoint_before_touching_storage(tmp_path: Path) -> None:
+    """The driver's pre-flight: the run stops before listing input or creating the output folder."""
+    from pipeline.config import config_from_dict
+    from pipeline.stages.pipeline import run
+
+    save_hf_checkpoint(tmp_path / "model", False, {"truncation": "rand_trunc", "padding": "reflect"})
+    cfg = config_from_dict(
+        {
+            "io": {"input": str(tmp_path / "missing-input"), "output": str(tmp_path / "out")},
+            "encoder": {"checkpoint": f"hf:{tmp_path / 'model'}", "device": "cpu"},
+        }
+    )
+    with pytest.raises(CheckpointError, match="padding: 'reflect' is not one of"):
+        run(cfg)
+    assert not (tmp_path / "out").exists()
+
+
 def test_hf_gradient_reaches_the_whole_fused_track(hf_checkpoints) -> None:
     """fusion sees all of a 12 s clip (gradient in its last second); rand_trunc only its first 10 s."""
     for case, reaches_end in (("hf-fused", True), ("hf-fmin50", False)):

@@ -53,6 +53,7 @@ def _protect_segment(row: dict, sign: float, seed: int) -> dict:
         "delta_e_musicldm": float("nan"),
         "mask_energy_above": 0.2,
         "nmr_db": -3.0,
+        "capped_share": 0.0,
         "objective": 0.1 * (seed + 1),
         "steps_mean": 4.0,
         "seconds": 1.5,

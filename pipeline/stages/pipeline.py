@@ -16,7 +16,7 @@ from typing import Any
 import yaml
 
 from pipeline.config import ConfigError, PipelineConfig
-from pipeline.encoder import RANDOM_WARNING, CheckpointSpec
+from pipeline.encoder import RANDOM_WARNING, CheckpointSpec, check_configured_encoders
 from pipeline.manifest import merge_stats
 from pipeline.metrics import DriverMetrics, NoopMetrics
 from pipeline.records import ShardStats
@@ -323,6 +323,7 @@ def run(
         except KeyError as exc:
             raise ConfigError(f"attack.eot_views: {exc.args[0]}") from exc
     options = cfg.io.storage.storage_options()
+    check_configured_encoders(cfg.encoder, options)  # a front end we cannot reproduce fails before any shard
     random_encoder = CheckpointSpec.parse(cfg.encoder.checkpoint, cfg.encoder.amodel).is_random
     if random_encoder:
         print("WARNING: " + RANDOM_WARNING.format(spec=cfg.encoder.checkpoint), file=sys.stderr, flush=True)
