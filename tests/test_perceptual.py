@@ -204,7 +204,7 @@ def test_a_tighter_cap_is_reported(tiny_encoder) -> None:
     loose, _ = _spectral(tiny_encoder, x, rate, steps=1, margin_db=0.0, eps=0.5)
     tight, _ = _spectral(tiny_encoder, x, rate, steps=1, margin_db=0.0, eps=0.002)
     assert loose.capped_share.item() == pytest.approx(0.0, abs=1e-6)
-    assert tight.capped_share.item() > 0.1 and tight.delta.abs().max().item() <= 0.002 + 1e-8
+    assert tight.capped_share.item() > 0.05 and tight.delta.abs().max().item() <= 0.002 + 1e-8
 
 
 def test_spectral_mode_through_the_track_protector(tiny_encoder) -> None:
