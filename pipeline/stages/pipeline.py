@@ -33,7 +33,14 @@ from pipeline.stages import rows as R
 from pipeline.stages.protect import ProtectActor
 from pipeline.stages.quality import QualitySettings, quality_batch
 from pipeline.stages.read import ReadSettings, read_shard
-from pipeline.stages.write import SHARD_FAILED, EncodeSettings, ShardWriter, WriteSettings, encode_batch
+from pipeline.stages.write import (
+    SHARD_FAILED,
+    EncodeSettings,
+    ShardWriter,
+    WriteSettings,
+    encode_batch,
+    shard_summary,
+)
 from pipeline.views import get_view
 
 logger = logging.getLogger(__name__)
@@ -440,13 +447,4 @@ def _run_leased(
 
 def _summary(shard_id: str, stats: ShardStats, failed: str) -> dict[str, Any]:
     """A summary row like the writer's, for a shard the driver settles itself."""
-    return {
-        "shard_id": shard_id,
-        "items": stats.items,
-        "ok": stats.ok,
-        "error": stats.error,
-        "delta_e_sum": stats.delta_e_sum,
-        "audio_seconds": stats.audio_seconds,
-        "stats_json": stats.to_json(),
-        "failed": failed,
-    }
+    return shard_summary(shard_id, stats, failed)

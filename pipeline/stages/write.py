@@ -190,6 +190,20 @@ def _replace_last(extension: str, new_last: str) -> str:
     return f"{head}.{new_last}" if head else new_last
 
 
+def shard_summary(shard_id: str, stats: ShardStats, failed: str) -> dict[str, Any]:
+    """The one summary row per shard the driver receives ("failed": empty, or why it failed)."""
+    return {
+        "shard_id": shard_id,
+        "items": stats.items,
+        "ok": stats.ok,
+        "error": stats.error,
+        "delta_e_sum": stats.delta_e_sum,
+        "audio_seconds": stats.audio_seconds,
+        "stats_json": stats.to_json(),
+        "failed": failed,
+    }
+
+
 class ShardWriter:
     """map_batches callable class (a single actor): gathers rows per shard until all `shard_items`
     rows have arrived, then commits the shard and emits one summary row for it.
@@ -318,16 +332,7 @@ class ShardWriter:
             commit_shard(self.out, shard_id, build_tar(members), manifest, stats)
         except Exception as exc:  # a shard that cannot be written fails alone, never the run
             return self._failed(shard_id, f"write: {type(exc).__name__}: {exc}")
-        return {
-            "shard_id": shard_id,
-            "items": stats.items,
-            "ok": stats.ok,
-            "error": stats.error,
-            "delta_e_sum": stats.delta_e_sum,
-            "audio_seconds": stats.audio_seconds,
-            "stats_json": stats.to_json(),
-            "failed": "",
-        }
+        return shard_summary(shard_id, stats, "")
 
     def _failed(self, shard_id: str, reason: str) -> dict[str, Any]:
         """Summary of a shard left without a marker (so it stays pending for the next run)."""
