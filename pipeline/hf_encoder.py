@@ -370,16 +370,21 @@ def find_processor_config(folder: Path | None, repo_id: str | None = None) -> tu
     )
 
 
+def _local_folder(source: str, cache_dir: str, storage_options: dict | None) -> Path:
+    """A local path for `source`: the path itself, or a remote folder copied to the cache once (a
+    hub repo id comes back as a path that is not a directory)."""
+    if "://" in source and not source.startswith("file://"):
+        return _fetch_folder(source, cache_dir, storage_options)
+    return Path(source.removeprefix("file://")).expanduser()
+
+
 def load_hf_encoder(source: str, cache_dir: str, storage_options: dict | None = None) -> HFClapAudioEncoder:
     """A transformers CLAP checkpoint with its own front end: `from_pretrained` on a local folder,
     a remote folder (any fsspec URL: copied to the cache once) or a hub repo id `org/repo` (needs
     encoder.hub_offline=false), plus its `preprocessor_config.json` (see find_processor_config)."""
     from transformers import ClapAudioModelWithProjection
 
-    local: Path | None = Path(source.removeprefix("file://")).expanduser()
-    if "://" in source and not source.startswith("file://"):
-        local = _fetch_folder(source, cache_dir, storage_options)
-    assert local is not None
+    local = _local_folder(source, cache_dir, storage_options)
     if local.is_dir():
         raw, found = find_processor_config(local)
         model = ClapAudioModelWithProjection.from_pretrained(str(local))
@@ -394,10 +399,7 @@ def check_hf_checkpoint(source: str, cache_dir: str, storage_options: dict | Non
     processor config only): for a driver to refuse a checkpoint before any shard is read."""
     from transformers import ClapAudioConfig
 
-    local: Path | None = Path(source.removeprefix("file://")).expanduser()
-    if "://" in source and not source.startswith("file://"):
-        local = _fetch_folder(source, cache_dir, storage_options)
-    assert local is not None
+    local = _local_folder(source, cache_dir, storage_options)
     if local.is_dir():
         raw, found = find_processor_config(local)
         tower = ClapAudioConfig.from_pretrained(str(local))
