@@ -1,6 +1,6 @@
 """One benchmark run that measures, on the same machine and at the same PGD settings:
 
-1. the bare engine (:func:`pipeline.engine.pgd` on in-memory 48 kHz mono windows), per batch size,
+1. the bare engine (:func:`pipeline.core.engine.pgd` on in-memory 48 kHz mono windows), per batch size,
    precision (fp32 / bf16 autocast) and optionally with ``torch.compile``;
 2. laion-clap's own audio path in a naive per-item fp32 loop (weights not frozen), the baseline;
 3. the real Ray Data pipeline (:func:`pipeline.stages.pipeline.run`) from tar shards on disk to
@@ -393,7 +393,7 @@ def clip_48k(seed: int) -> Any:
 
 
 def attack_params(steps: int, precision: str) -> Any:
-    from pipeline.engine import PGDParams
+    from pipeline.core.engine import PGDParams
 
     return PGDParams(eps=EPS, alpha=ALPHA, steps=steps, sigma=SIGMA, target_delta_e=float("inf"), precision=precision)
 
@@ -550,8 +550,9 @@ def bench_engine(
     """
     import torch
 
-    from pipeline.encoder import ClapView, load_encoder
-    from pipeline.engine import pgd
+    from pipeline.core.engine import pgd
+    from pipeline.encoders.base import ClapView
+    from pipeline.encoders.load import load_encoder
 
     loaded = encoder if encoder is not None else load_encoder(f"random:{amodel}:0", device=device)
     dev = loaded.device
@@ -619,7 +620,7 @@ def bench_baseline(
     import torch
     from laion_clap.clap_module.factory import create_model
 
-    from pipeline.encoder import pick_device
+    from pipeline.encoders.load import pick_device
 
     dev = pick_device(device)
     with torch.random.fork_rng(devices=[]):
@@ -757,8 +758,8 @@ def bench_pipeline(
     placement: str = "shared",
 ) -> PipelineResult:
     """Run the real pipeline once over the catalog in `input_dir` (Ray must be up or is started)."""
+    from pipeline.io.output import OutputFolder
     from pipeline.records import ShardStats
-    from pipeline.shards import OutputFolder
     from pipeline.stages.pipeline import init_ray, run
 
     cfg = pipeline_config(input_dir, output_dir, amodel, steps, precision, batch, device, placement)
@@ -834,10 +835,10 @@ def memory_child(spec: dict[str, Any]) -> dict[str, Any]:
 
     import numpy as np
 
-    from pipeline.audio import OutputFormat, encode
     from pipeline.config import config_from_dict
     from pipeline.demo import synthesize
-    from pipeline.shards import Sample
+    from pipeline.io.audio import OutputFormat, encode
+    from pipeline.io.shards import Sample
     from pipeline.stages import rows as R
     from pipeline.stages.protect import ProtectActor
     from pipeline.stages.read import ReadSettings, sample_row
@@ -1008,8 +1009,9 @@ def bench_gpu(
     steps: compiling and capturing the no-grad and the gradient graphs) is timed on its own."""
     import torch
 
-    from pipeline.encoder import ClapView, load_encoder
-    from pipeline.engine import pgd
+    from pipeline.core.engine import pgd
+    from pipeline.encoders.base import ClapView
+    from pipeline.encoders.load import load_encoder
 
     ceiling = matmul_ceiling_tflops()
     loaded = load_encoder("random:HTSAT-base:0", device="cuda")
@@ -1069,9 +1071,9 @@ def ensemble_child(spec: dict[str, Any]) -> dict[str, Any]:
 
     import torch
 
-    from pipeline.encoder import load_encoder
-    from pipeline.engine import pgd
-    from pipeline.protect import TrackProtector
+    from pipeline.core.engine import pgd
+    from pipeline.core.protect import TrackProtector
+    from pipeline.encoders.load import load_encoder
 
     torch.set_num_threads(int(spec.get("threads") or os.cpu_count() or 1))
     k, batch, steps = int(spec["encoders"]), int(spec["batch"]), int(spec["steps"])
@@ -1200,7 +1202,7 @@ def choose_pipeline_batch(settings: BenchSettings) -> int:
 def run_benchmark(settings: BenchSettings, command: str = "") -> BenchReport:
     import torch
 
-    from pipeline.encoder import pick_device
+    from pipeline.encoders.load import pick_device
 
     started = time.perf_counter()
     device = str(pick_device(settings.device))
@@ -1288,7 +1290,7 @@ def _run_pipelines(settings: BenchSettings, report: BenchReport, device: str) ->
     import ray
     import torch
 
-    from pipeline.encoder import load_encoder
+    from pipeline.encoders.load import load_encoder
 
     batch = choose_pipeline_batch(settings)
     placements = ["dedicated"] if device.startswith("cuda") else settings.pipeline_placements
@@ -1384,7 +1386,7 @@ def render_tables(report: BenchReport) -> str:
     out: list[str] = []
     if report.engine:
         out.append(
-            f"### Engine (`pipeline.engine.pgd`, in-memory 48 kHz mono windows, {s.steps} PGD steps, early stop off)\n"
+            f"### Engine (`core.engine.pgd`, in-memory 48 kHz mono windows, {s.steps} PGD steps, early stop off)\n"
         )
         rows = []
         for e in report.engine:
@@ -1824,7 +1826,7 @@ def default_precisions(device: str) -> tuple[list[str], list[str], str]:
     """(engine precisions, pipeline precisions, note) when none are given: fp32 and bf16 where the
     device runs bf16 in hardware, else fp32 alone (emulated bf16 measures the emulation, not the
     engine: ~15× slower than fp32 on an AVX2-only CPU)."""
-    from pipeline.encoder import emulated_precision_note, pick_device
+    from pipeline.encoders.load import emulated_precision_note, pick_device
 
     slow = emulated_precision_note(pick_device(device), "bf16")
     if not slow:
@@ -1907,14 +1909,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.ensemble_child:
         import logging
 
-        logging.getLogger("pipeline.encoder").setLevel(logging.ERROR)
+        logging.getLogger("pipeline.encoders.load").setLevel(logging.ERROR)
         print(json.dumps(ensemble_child(json.loads(args.ensemble_child))), flush=True)
         return 0
     import logging
 
     import torch
 
-    logging.getLogger("pipeline.encoder").setLevel(logging.ERROR)  # the random-weights warning, per load
+    logging.getLogger("pipeline.encoders.load").setLevel(logging.ERROR)  # the random-weights warning, per load
     try:
         settings = settings_from_args(args)
     except ValueError as exc:

@@ -97,8 +97,9 @@ def cmd_embed(args: argparse.Namespace) -> int:
     import numpy as np
     import torch
 
-    from pipeline.audio import decode
-    from pipeline.encoder import ClapView, load_encoder
+    from pipeline.encoders.base import ClapView
+    from pipeline.encoders.load import load_encoder
+    from pipeline.io.audio import decode
 
     decoded = decode(Path(args.input).read_bytes(), min_seconds=0.0)
     encoder = load_encoder(args.checkpoint, args.amodel, sha256=args.sha256, device=args.device)
@@ -117,12 +118,12 @@ def cmd_embed(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from pipeline.manifest import merge_stats
+    from pipeline.io.manifest import merge_stats
     from pipeline.stages.pipeline import plan
 
     cfg = _config(args)
     run_plan = plan(cfg)
-    from pipeline.shards import OutputFolder
+    from pipeline.io.output import OutputFolder
 
     total = merge_stats(OutputFolder(cfg.io.output, cfg.io.storage.storage_options()))
     done, pending = len(run_plan.skipped), len(run_plan.pending)
@@ -172,7 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_embed)
 
     # Each of these modules owns its arguments; imported here so `--help` lists them.
-    from pipeline import frontier, imitation, report, robustness, transfer
+    from pipeline.evaluation import frontier, imitation, report, robustness, transfer
 
     robustness.build_parser(sub.add_parser("robustness", help="Δe retained under codecs, resampling, noise"))
     transfer.build_parser(sub.add_parser("transfer", help="Δe measured with encoders used and not used for δ"))
@@ -202,10 +203,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"config error: {exc}", file=sys.stderr)
         return 2
     except Exception as exc:  # the CLI's last word: one clear line, the traceback with -v
-        from pipeline.encoder import CheckpointError
-        from pipeline.report import ReportError
-        from pipeline.robustness import AttackError
-        from pipeline.shards import ShardError
+        from pipeline.encoders.base import CheckpointError
+        from pipeline.evaluation.report import ReportError
+        from pipeline.evaluation.robustness import AttackError
+        from pipeline.io.storage import ShardError
 
         known = (CheckpointError, ShardError, FileNotFoundError, ReportError, AttackError)
         if isinstance(exc, known) and not args.verbose:

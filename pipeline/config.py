@@ -104,10 +104,10 @@ class AttackConfig:
     target_delta_e: float = 0.5  # per-window early stop once Δe ≥ this (unit embeddings: cos < 0.875)
     precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16 | fp16
     seed: int = 0
-    perceptual: str = "spectral"  # spectral | linf | masking (legacy); see pipeline.protect.PERCEPTUAL_MODES
+    perceptual: str = "spectral"  # spectral | linf | masking (legacy); see pipeline.core.protect.PERCEPTUAL_MODES
     strength: int = 3  # spectral mode: 1 (gentlest) .. 5 (strongest), δ's level against the masking threshold
     lr: float = 0.1  # spectral mode: Adam step size on δ's spectral weights
-    eot_views: tuple[str, ...] = ("clean48k",)  # views optimised through (pipeline.views), e.g. [clean48k, musicldm]
+    eot_views: tuple[str, ...] = ("clean48k",)  # views optimised through (core/views.py), e.g. [clean48k, musicldm]
     ensemble: str = "mean"  # with encoder.ensemble: maximise the mean or the minimum of per-encoder Δe
     # δ only below this (Hz): what the conditioner sees (CLAP's mel stops at 14 kHz; MusicLDM keeps
     # 8 kHz). δ above it buys no Δe and costs quality. None: the whole band.

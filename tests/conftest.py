@@ -48,7 +48,7 @@ def tiny_encoder():
     """Random HTSAT-tiny (seed 0) on CPU, built once per test session."""
     import torch
 
-    from pipeline.encoder import load_encoder
+    from pipeline.encoders.load import load_encoder
 
     torch.set_num_threads(2)
     return load_encoder("random:HTSAT-tiny:0", device="cpu")

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from pipeline.audio import AudioDecodeError, decode, encode, output_format_for, quantize_within
 from pipeline.demo import synthesize
+from pipeline.io.audio import AudioDecodeError, decode, encode, output_format_for, quantize_within
 
 CASES = [
     ("WAV", "PCM_16", "wav", 44100, 2),

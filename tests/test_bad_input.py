@@ -17,7 +17,7 @@ import pytest
 import soundfile as sf
 
 from pipeline.config import config_from_dict
-from pipeline.shards import SHARD_ERROR_KEY, list_shards
+from pipeline.io.shards import SHARD_ERROR_KEY, list_shards
 from pipeline.stages import rows as R
 from pipeline.stages.read import ReadSettings, read_shard
 from pipeline.stages.write import WriteSettings, encode_batch, shard_outputs

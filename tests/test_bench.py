@@ -11,7 +11,7 @@ from pipeline import bench
 
 
 def test_parser_quick_and_full_profiles(monkeypatch):
-    monkeypatch.setattr("pipeline.encoder.native_low_precision", lambda device: True)
+    monkeypatch.setattr("pipeline.encoders.load.native_low_precision", lambda device: True)
     quick = bench.settings_from_args(bench.build_parser().parse_args(["--quick"]))
     assert quick.amodels == ["HTSAT-tiny"]
     assert quick.steps == 2 and quick.batch_sizes == [1, 2]
@@ -31,7 +31,7 @@ def test_parser_quick_and_full_profiles(monkeypatch):
     assert full.precision_note == ""
 
     # bf16 emulated (an AVX2-only CPU): the defaults time fp32 alone and say why; explicit wins
-    monkeypatch.setattr("pipeline.encoder.native_low_precision", lambda device: False)
+    monkeypatch.setattr("pipeline.encoders.load.native_low_precision", lambda device: False)
     emulated = bench.settings_from_args(bench.build_parser().parse_args(["--device", "cpu"]))
     assert emulated.precisions == ["fp32"] and emulated.pipeline_precisions == ["fp32"]
     assert "bf16 left out" in emulated.precision_note
@@ -119,7 +119,7 @@ def test_gpu_embed_modes_give_eager_pgd(mode):
     same δ as the eager model: gradients reach the input through the compiled call and the copy."""
     import torch
 
-    from pipeline.engine import PGDParams, pgd
+    from pipeline.core.engine import PGDParams, pgd
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(64, 16), torch.nn.Tanh(), torch.nn.Linear(16, 8))

@@ -19,8 +19,8 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_embed_writes_one_unit_vector(tmp_path: Path, tiny_encoder, capsys) -> None:
     import torch
 
-    from pipeline.audio import decode
-    from pipeline.encoder import ClapView
+    from pipeline.encoders.base import ClapView
+    from pipeline.io.audio import decode
 
     wav = tmp_path / "in.wav"
     wav.write_bytes(audio_bytes(3.0, 44100, 2))

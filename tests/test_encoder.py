@@ -10,7 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.encoder import CheckpointError, ClapView, import_laion_clap, load_encoder
+from pipeline.encoders.base import CheckpointError, ClapView
+from pipeline.encoders.laion import import_laion_clap
+from pipeline.encoders.load import load_encoder
 
 
 @pytest.fixture(scope="module")
@@ -191,7 +193,7 @@ def test_view_resamples_to_48k() -> None:
 
 
 def test_emulated_precision_note(monkeypatch) -> None:
-    from pipeline import encoder
+    from pipeline.encoders import load as encoder
 
     cpu = torch.device("cpu")
     monkeypatch.setattr(encoder, "native_low_precision", lambda device: False)
@@ -208,7 +210,7 @@ def test_fill_clip_matches_laion_clap(tiny_encoder, mode: str) -> None:
     """encoder.fill_clip fills a short clip as laion-clap's get_audio_features does."""
     from laion_clap.training.data import get_audio_features
 
-    from pipeline.encoder import fill_clip
+    from pipeline.encoders.base import fill_clip
 
     clip = torch.rand(100_003) - 0.5
     sample = get_audio_features({}, clip, 480_000, "rand_trunc", mode, {})
@@ -216,7 +218,7 @@ def test_fill_clip_matches_laion_clap(tiny_encoder, mode: str) -> None:
 
 
 def test_fusion_crop_starts_are_the_middle_of_each_third() -> None:
-    from pipeline.encoder import fusion_crop_starts
+    from pipeline.encoders.base import fusion_crop_starts
 
     thirds = np.array_split(np.arange(2501 - 1001 + 1), 3)  # a 25 s clip: 2501 frames
     assert fusion_crop_starts(2501, 1001) == tuple(int(t[len(t) // 2]) for t in thirds) == (250, 751, 1251)

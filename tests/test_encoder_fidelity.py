@@ -27,7 +27,9 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.demo import synthesize
-from pipeline.encoder import CheckpointError, ClapAudioEncoder, ClapView, fusion_type_of, load_encoder
+from pipeline.encoders.base import CheckpointError, ClapView
+from pipeline.encoders.laion import ClapAudioEncoder, fusion_type_of
+from pipeline.encoders.load import load_encoder
 
 COSINE = 0.9995
 SECONDS = (4, 10, 25)
@@ -107,7 +109,7 @@ def save_hf_checkpoint(folder: Path, fused: bool, processor: dict | None, seed: 
     """A tiny random `ClapModel` (text half included) and its extractor, as save_pretrained writes them."""
     from transformers import ClapAudioConfig, ClapConfig, ClapFeatureExtractor, ClapModel, ClapTextConfig
 
-    from pipeline.hf_encoder import HF_AUDIO_PRESETS
+    from pipeline.encoders.hf import HF_AUDIO_PRESETS
 
     config = ClapConfig(
         text_config=ClapTextConfig(
@@ -413,7 +415,7 @@ def test_cosine_bar_catches_the_issue_bug(hf_checkpoints) -> None:
 def test_driver_preflight_refuses_before_any_shard(tmp_path: Path, fused_encoder) -> None:
     """check_configured_encoders: the front-end checks without building a tower."""
     from pipeline.config import EncoderConfig
-    from pipeline.encoder import check_configured_encoders
+    from pipeline.encoders.load import check_configured_encoders
 
     save_hf_checkpoint(tmp_path / "ok", False, {"truncation": "rand_trunc", "frequency_min": 50})
     save_hf_checkpoint(tmp_path / "bad", False, {"truncation": "rand_trunc", "padding": "mirror"})

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipeline.encoder import CLAP_SAMPLES
-from pipeline.engine import PGDParams, pgd
+from pipeline.core.engine import PGDParams, pgd
+from pipeline.encoders.base import CLAP_SAMPLES
 
 
 def f32(value: float) -> float:

@@ -19,8 +19,8 @@ import pytest
 import yaml
 
 from pipeline.config import config_from_dict
+from pipeline.io.output import TMP_DIR
 from pipeline.records import ShardStats
-from pipeline.shards import TMP_DIR
 from pipeline.stages import rows as R
 from pipeline.stages.read import ReadSettings, read_shard
 from pipeline.stages.write import SHARD_FAILED, ShardWriter, WriteSettings, encode_batch
@@ -167,19 +167,19 @@ def _rows(tmp_path: Path, shard_id: str) -> list[dict]:
 
 
 def test_a_shard_that_cannot_be_written_fails_alone(tmp_path: Path, monkeypatch) -> None:
-    from pipeline import shards
+    from pipeline.io import output
 
     out = tmp_path / "out"
     writer = ShardWriter(WriteSettings(str(out), {}, "passthrough", "h", 0.5))
     writer.out.ensure()
-    original = shards.OutputFolder.write_atomic
+    original = output.OutputFolder.write_atomic
 
     def refuse_s001(self, name: str, data: bytes) -> None:
         if name.startswith("s-001"):
             raise PermissionError(f"Access Denied: {name}")
         original(self, name, data)
 
-    monkeypatch.setattr(shards.OutputFolder, "write_atomic", refuse_s001)
+    monkeypatch.setattr(output.OutputFolder, "write_atomic", refuse_s001)
     rows = _rows(tmp_path, "s-000") + _rows(tmp_path, "s-001")
     summary = R.batch_to_rows(writer(R.rows_to_batch(rows, list(rows[0]))))
     by_shard = {s["shard_id"]: s for s in summary}

@@ -13,7 +13,7 @@ import soundfile as sf
 from pipeline import cli
 from pipeline.config import ConfigError
 from pipeline.demo import synthesize
-from pipeline.frontier import Case, default_cases, resolve_cases
+from pipeline.evaluation.frontier import Case, default_cases, resolve_cases
 
 CASES = """
 cases:

@@ -8,10 +8,12 @@ import numpy as np
 import pytest
 import torch
 
+from pipeline.core.engine import PGDParams
+from pipeline.core.protect import Track, TrackProtector
 from pipeline.demo import synthesize
-from pipeline.encoder import CheckpointSpec, ClapView, load_encoder
-from pipeline.engine import PGDParams
-from pipeline.protect import Track, TrackProtector
+from pipeline.encoders.base import ClapView
+from pipeline.encoders.checkpoints import CheckpointSpec
+from pipeline.encoders.load import load_encoder
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +43,7 @@ def test_full_clap_model_folder_loads_audio_half(tmp_path: Path) -> None:
     `ClapModel.get_audio_features`."""
     from transformers import ClapAudioConfig, ClapConfig, ClapFeatureExtractor, ClapModel, ClapTextConfig
 
-    from pipeline.hf_encoder import HF_AUDIO_PRESETS
+    from pipeline.encoders.hf import HF_AUDIO_PRESETS
 
     config = ClapConfig(
         text_config=ClapTextConfig(

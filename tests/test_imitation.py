@@ -35,7 +35,7 @@ TINY = [
 
 
 def test_configs_load():
-    from pipeline.imitation import load_imitation_config
+    from pipeline.evaluation.imitation import load_imitation_config
 
     for name in ("imitation-cpu.yaml", "imitation-gpu.yaml"):
         cfg = load_imitation_config(ROOT / "configs" / name)
@@ -49,7 +49,7 @@ def test_configs_load():
 
 
 def test_styles_are_distinct():
-    from pipeline.imitation import STYLES, synthesize_style
+    from pipeline.evaluation.imitation import STYLES, synthesize_style
 
     a = synthesize_style(STYLES[0], 1.0, 16000, seed=0)
     b = synthesize_style(STYLES[1], 1.0, 16000, seed=0)
@@ -62,7 +62,7 @@ def test_styles_are_distinct():
 def test_mel_front_end_and_griffin_lim():
     import torch
 
-    from pipeline.imitation import STYLES, MelFrontEnd, load_imitation_config, synthesize_style
+    from pipeline.evaluation.imitation import STYLES, MelFrontEnd, load_imitation_config, synthesize_style
 
     cfg = load_imitation_config(None, ["mel.crop_seconds=1.28"])
     front = MelFrontEnd(cfg.mel)
@@ -76,7 +76,7 @@ def test_mel_front_end_and_griffin_lim():
 def test_imitate_end_to_end(tmp_path, capsys):
     import pyarrow.parquet as pq
 
-    from pipeline.imitation import MODELS, RANDOM_NOTE, main
+    from pipeline.evaluation.imitation import MODELS, RANDOM_NOTE, main
 
     out = tmp_path / "imitation"
     argv = ["--make-catalog", "2", "--out", str(out)]

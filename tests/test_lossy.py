@@ -14,7 +14,10 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from pipeline.audio import (
+from pipeline.config import config_from_dict
+from pipeline.core.views import CLAP_RATE, get_view
+from pipeline.demo import synthesize
+from pipeline.io.audio import (
     AudioEncodeError,
     OutputFormat,
     check_written,
@@ -26,11 +29,8 @@ from pipeline.audio import (
     probe_bitrate_kbps,
     quantize_within,
 )
-from pipeline.config import config_from_dict
-from pipeline.demo import synthesize
 from pipeline.stages import rows as R
 from pipeline.stages.read import ReadSettings, read_shard
-from pipeline.views import CLAP_RATE, get_view
 from tests.conftest import audio_bytes, read_members, write_shard
 
 pytestmark = pytest.mark.skipif(shutil.which("ffmpeg") is None or shutil.which("ffprobe") is None, reason="no ffmpeg")
@@ -179,7 +179,7 @@ def _run(tmp_path: Path, policy: str, **attack) -> tuple[dict, dict[str, bytes]]
 
 @pytest.mark.slow
 def test_mp3_member_round_trips_under_both_policies(tmp_path: Path, ray_session) -> None:
-    from pipeline.robustness import Embedder
+    from pipeline.evaluation.robustness import Embedder
 
     mp3 = mp3_input(1.5)
     wav = audio_bytes(1.0, RATE, 2, seed=2)  # batches with the MP3 (same rate × channels)

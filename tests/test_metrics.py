@@ -9,15 +9,16 @@ import urllib.request
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from pipeline.manifest import commit_shard
-from pipeline.metrics import (
+from pipeline.io.manifest import commit_shard
+from pipeline.io.output import OutputFolder
+from pipeline.io.shards import build_tar
+from pipeline.records import ManifestRow, SampleStatus, ShardStats
+from pipeline.stages.metrics import (
     DELTA_E_BUCKETS,
     ActorMetrics,
     DriverMetrics,
     NoopMetrics,
 )
-from pipeline.records import ManifestRow, SampleStatus, ShardStats
-from pipeline.shards import OutputFolder, build_tar
 
 
 def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -169,7 +170,7 @@ def test_noop_metrics_has_every_method():
 def test_actor_metrics_noop_without_ray():
     # A fresh interpreter: Ray is importable but not initialised there.
     code = (
-        "from pipeline.metrics import ActorMetrics\n"
+        "from pipeline.stages.metrics import ActorMetrics\n"
         "m = ActorMetrics()\n"
         "m.batch_done(4, 1.0, 40, {'pgd': 1})\n"
         "import ray; assert not ray.is_initialized()\n"
@@ -215,7 +216,7 @@ def test_driver_endpoint_during_a_real_run_matches_manifests(tmp_path, ray_sessi
     from prometheus_client.parser import text_string_to_metric_families
 
     from pipeline.config import config_from_dict
-    from pipeline.metrics import DriverMetrics
+    from pipeline.stages.metrics import DriverMetrics
     from pipeline.stages.pipeline import run
 
     for shard in range(2):

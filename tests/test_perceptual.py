@@ -9,9 +9,8 @@ import pytest
 import torch
 
 from pipeline.config import STRENGTH_MARGIN_DB
-from pipeline.demo import synthesize
-from pipeline.engine import PGDParams, SpectralParams, spectral_attack
-from pipeline.perceptual import (
+from pipeline.core.engine import PGDParams, SpectralParams, spectral_attack
+from pipeline.core.perceptual import (
     LEGACY_MASKING,
     MaskingConfig,
     absolute_threshold_db,
@@ -21,9 +20,10 @@ from pipeline.perceptual import (
     masking_threshold,
     project_below_threshold,
 )
-from pipeline.protect import Track, TrackProtector
-from pipeline.quality import pesq_wb, segmental_snr_db, stoi
-from pipeline.views import CODEC_VIEW, VIEWS, musicldm, peak_normalise, round_trip
+from pipeline.core.protect import Track, TrackProtector
+from pipeline.core.quality import pesq_wb, segmental_snr_db, stoi
+from pipeline.core.views import CODEC_VIEW, VIEWS, musicldm, peak_normalise, round_trip
+from pipeline.demo import synthesize
 
 RATE = 16_000
 

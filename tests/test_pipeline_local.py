@@ -11,8 +11,8 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import audio_bytes, read_members, write_shard
 
-from pipeline.audio import decode
 from pipeline.config import config_from_dict
+from pipeline.io.audio import decode
 from pipeline.records import MANIFEST_SCHEMA, ShardStats
 
 EPS = 0.003

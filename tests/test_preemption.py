@@ -17,8 +17,8 @@ import pytest
 import yaml
 
 from pipeline.config import ConfigError, config_from_dict
+from pipeline.io.output import LEASE_NAME, SPILL_DIR, TMP_DIR, LeaseHeld, OutputFolder, OutputLease
 from pipeline.records import ShardStats
-from pipeline.shards import LEASE_NAME, SPILL_DIR, TMP_DIR, LeaseHeld, OutputFolder, OutputLease
 from pipeline.stages import pipeline as P
 from pipeline.stages import rows as R
 from pipeline.stages.read import ReadSettings, read_shard
@@ -440,7 +440,7 @@ def s3_store(tmp_path_factory: pytest.TempPathFactory):
 
 
 def test_lease_spill_and_fingerprint_on_s3(s3_store, tmp_path: Path) -> None:
-    from pipeline.shards import input_fingerprint
+    from pipeline.io.storage import input_fingerprint
     from pipeline.stages.write import spill_bytes, spill_rows
 
     server, options = s3_store

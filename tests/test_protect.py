@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from pipeline.core.engine import PGDParams
+from pipeline.core.protect import Track, TrackProtector
 from pipeline.demo import synthesize
-from pipeline.engine import PGDParams
-from pipeline.protect import Track, TrackProtector
 
 EPS = 0.003
 
@@ -68,14 +68,14 @@ def test_precision_resolution_warns_about_emulated_bf16(monkeypatch, caplog) -> 
 
     cpu = torch.device("cpu")
     monkeypatch.setattr(stage, "native_low_precision", lambda device: False)
-    monkeypatch.setattr("pipeline.encoder.native_low_precision", lambda device: False)
+    monkeypatch.setattr("pipeline.encoders.load.native_low_precision", lambda device: False)
     assert stage.resolve_precision("auto", cpu) == "fp32"
     with caplog.at_level(logging.WARNING, logger=stage.logger.name):
         assert stage.resolve_precision("bf16", cpu) == "bf16"  # the user's choice stands...
     assert "emulated" in caplog.text and "attack.precision auto or fp32" in caplog.text  # ...with a warning
     caplog.clear()
     monkeypatch.setattr(stage, "native_low_precision", lambda device: True)
-    monkeypatch.setattr("pipeline.encoder.native_low_precision", lambda device: True)
+    monkeypatch.setattr("pipeline.encoders.load.native_low_precision", lambda device: True)
     with caplog.at_level(logging.WARNING, logger=stage.logger.name):
         assert stage.resolve_precision("bf16", cpu) == "bf16"
         assert stage.resolve_precision("fp32", cpu) == "fp32"

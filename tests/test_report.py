@@ -20,10 +20,18 @@ import soundfile as sf
 import yaml
 
 from pipeline.demo import synthesize
-from pipeline.manifest import commit_shard
+from pipeline.evaluation.report import (
+    LISTEN_BUDGET_BYTES,
+    OutputData,
+    build_parser,
+    load_output,
+    main,
+    markdown_to_html,
+)
+from pipeline.io.manifest import commit_shard
+from pipeline.io.output import OutputFolder
+from pipeline.io.shards import SHARD_ERROR_KEY, build_tar
 from pipeline.records import ManifestRow, SampleStatus, ShardStats, manifest_table
-from pipeline.report import LISTEN_BUDGET_BYTES, OutputData, build_parser, load_output, main, markdown_to_html
-from pipeline.shards import SHARD_ERROR_KEY, OutputFolder, build_tar
 
 RATE = 44_100
 EPS = 0.003
@@ -234,7 +242,7 @@ def test_ab_players_play_the_clean_input_and_the_written_output(tmp_path):
 
 
 def test_listening_clips_respect_the_audio_budget(tmp_path):
-    from pipeline.report import clip_bounds, listening_section, pick_listening
+    from pipeline.evaluation.report import clip_bounds, listening_section, pick_listening
 
     _, output = build_output(tmp_path)
     data = load_output(str(output))

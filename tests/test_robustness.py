@@ -10,14 +10,15 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import audio_bytes, write_shard
 
-from pipeline.audio import decode, encode, output_format_for
 from pipeline.config import config_from_dict
-from pipeline.engine import PGDParams
-from pipeline.manifest import commit_shard
-from pipeline.protect import Track, TrackProtector
+from pipeline.core.engine import PGDParams
+from pipeline.core.protect import Track, TrackProtector
+from pipeline.evaluation.robustness import ATTACKS, MUSICLDM_VIEW, evaluate, main, summary_table
+from pipeline.io.audio import decode, encode, output_format_for
+from pipeline.io.manifest import commit_shard
+from pipeline.io.output import OutputFolder
+from pipeline.io.shards import build_tar
 from pipeline.records import ManifestRow, SampleStatus, ShardStats
-from pipeline.robustness import ATTACKS, MUSICLDM_VIEW, evaluate, main, summary_table
-from pipeline.shards import OutputFolder, build_tar
 
 pytestmark = pytest.mark.skipif(shutil.which("ffmpeg") is None, reason="ffmpeg not installed (.ci/run installs it)")
 

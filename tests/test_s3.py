@@ -18,8 +18,9 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from pipeline import shards as S
 from pipeline.config import config_from_dict
+from pipeline.io import output, shards
+from pipeline.io import storage as io_storage
 from tests.conftest import audio_bytes
 from tests.s3_server import ACCESS_KEY, SECRET_KEY, SeaweedS3, weed_binary
 
@@ -68,7 +69,7 @@ def put_shard(fs, url: str, members: list[tuple[str, bytes]]) -> None:
 def temp_objects(fs, prefix: str) -> list[str]:
     """Objects under `<prefix>/_tmp/` (listing the whole prefix: only real objects show up)."""
     fs.invalidate_cache()
-    return [p for p in fs.find(prefix) if f"/{S.TMP_DIR}/" in p]
+    return [p for p in fs.find(prefix) if f"/{output.TMP_DIR}/" in p]
 
 
 def pipeline_config(s3: SeaweedS3, input_url: str, output_url: str, **audio):
@@ -150,11 +151,11 @@ def test_wrong_credentials_are_refused_clearly(s3: SeaweedS3, bucket: str) -> No
     fs = s3.filesystem()
     put_shard(fs, f"{bucket}/in/s-000.tar", [("a.wav", audio_bytes(0.5, 16000, 1))])
     wrong = {"key": ACCESS_KEY, "secret": "not-the-secret", "client_kwargs": {"endpoint_url": s3.endpoint_url}}
-    with pytest.raises(S.ShardError, match="access denied") as info:
-        S.list_shards(f"s3://{bucket}/in/s-000.tar", {**wrong, "skip_instance_cache": True})
+    with pytest.raises(io_storage.ShardError, match="access denied") as info:
+        shards.list_shards(f"s3://{bucket}/in/s-000.tar", {**wrong, "skip_instance_cache": True})
     assert "AWS_SECRET_ACCESS_KEY" in str(info.value)  # says what to check
-    samples, error = S.read_samples(f"s3://{bucket}/in/s-000.tar", {**wrong, "skip_instance_cache": True})
-    assert samples == [] and error.startswith(S.ACCESS_DENIED)
+    samples, error = shards.read_samples(f"s3://{bucket}/in/s-000.tar", {**wrong, "skip_instance_cache": True})
+    assert samples == [] and error.startswith(io_storage.ACCESS_DENIED)
 
 
 def test_cli_with_wrong_credentials_fails_fast(s3: SeaweedS3, bucket: str, tmp_path: Path) -> None:
@@ -188,7 +189,7 @@ def test_cli_with_wrong_credentials_fails_fast(s3: SeaweedS3, bucket: str, tmp_p
 def test_retry_rides_out_a_server_restart(s3: SeaweedS3, bucket: str) -> None:
     """The retry helper against the real server, stopped before one write and one read and
     started again while they are being retried."""
-    out = S.OutputFolder(f"s3://{bucket}/retry", {"client_kwargs": {"endpoint_url": s3.endpoint_url}})
+    out = output.OutputFolder(f"s3://{bucket}/retry", {"client_kwargs": {"endpoint_url": s3.endpoint_url}})
     out.ensure()
     out.write_atomic("before.bin", b"written while up")
     put_shard(out.fs, f"{bucket}/retry/s.tar", [("a.wav", b"1"), ("b.wav", b"2")])
@@ -209,20 +210,22 @@ def test_retry_rides_out_a_server_restart(s3: SeaweedS3, bucket: str) -> None:
 
     s3.stop()
     thread = restart_later(3.0)
-    samples, error = S.read_samples(f"s3://{bucket}/retry/s.tar", {"client_kwargs": {"endpoint_url": s3.endpoint_url}})
+    samples, error = shards.read_samples(
+        f"s3://{bucket}/retry/s.tar", {"client_kwargs": {"endpoint_url": s3.endpoint_url}}
+    )
     thread.join()
     assert error == "" and [s.key for s in samples] == ["a", "b"]
 
 
 def test_permanent_errors_are_not_retried(s3: SeaweedS3, bucket: str) -> None:
     options = {"client_kwargs": {"endpoint_url": s3.endpoint_url}}
-    out = S.OutputFolder("s3://no-such-bucket-mu/out", options)
-    with pytest.raises(S.ShardError, match="does not exist"):
+    out = output.OutputFolder("s3://no-such-bucket-mu/out", options)
+    with pytest.raises(io_storage.ShardError, match="does not exist"):
         out.ensure()
-    samples, error = S.read_samples("s3://no-such-bucket-mu/s.tar", options)
-    assert samples == [] and error.startswith(S.SHARD_NOT_FOUND)
+    samples, error = shards.read_samples("s3://no-such-bucket-mu/s.tar", options)
+    assert samples == [] and error.startswith(io_storage.SHARD_NOT_FOUND)
     wrong = {**options, "key": ACCESS_KEY, "secret": "not-the-secret", "skip_instance_cache": True}
-    denied = S.OutputFolder(f"s3://{bucket}/out", wrong)
+    denied = output.OutputFolder(f"s3://{bucket}/out", wrong)
     started = time.monotonic()
     with pytest.raises(PermissionError):
         denied.write_atomic("x.bin", b"x")

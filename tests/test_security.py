@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.config import config_from_dict
-from pipeline.shards import read_samples
+from pipeline.io.shards import read_samples
 from pipeline.stages import rows as R
 from pipeline.stages.read import ReadSettings, read_shard
 from tests.conftest import audio_bytes, read_members

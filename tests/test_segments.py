@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from pipeline.audio import quantize_within
+from pipeline.io.audio import quantize_within
 from pipeline.stages import rows as R
 from pipeline.stages.segments import assemble, is_segment, segment_plan, split_rows
 
@@ -194,9 +194,9 @@ def test_pipeline_protects_a_long_track_as_segments(tmp_path, ray_session):
     import pyarrow.parquet as pq
     from conftest import read_members
 
-    from pipeline.audio import decode
     from pipeline.config import config_from_dict
-    from pipeline.quality import visqol_selected
+    from pipeline.core.quality import visqol_selected
+    from pipeline.io.audio import decode
     from pipeline.stages.pipeline import run
 
     shard = _long_shard(tmp_path / "in", skipped=True)

@@ -11,8 +11,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.demo import synthesize
-from pipeline.quality import (
+from pipeline.core.quality import (
     VISQOL_MIN_SECONDS,
     visqol_excerpts,
     visqol_figure,
@@ -20,6 +19,7 @@ from pipeline.quality import (
     visqol_owned_excerpts,
     visqol_selected,
 )
+from pipeline.demo import synthesize
 from pipeline.records import MANIFEST_SCHEMA, ManifestRow, SampleStatus, manifest_table
 from pipeline.stages import rows as R
 from pipeline.stages.segments import segment_plan

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipeline.windows import blend, crossfade_weights, plan_windows
+from pipeline.core.windows import blend, crossfade_weights, plan_windows
 
 
 @pytest.mark.parametrize("n", [1, 999, 1000, 1001, 1900, 2500, 10_007])

@@ -21,7 +21,7 @@ from typing import Any
 
 from pipeline.config import load_config
 from pipeline.demo import write_demo_catalog
-from pipeline.shards import list_shards
+from pipeline.io.shards import list_shards
 from pipeline.stages import rows as R
 from pipeline.stages.pipeline import run
 from pipeline.stages.read import ReadSettings, read_shard

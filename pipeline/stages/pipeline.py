@@ -16,20 +16,17 @@ from typing import Any
 import yaml
 
 from pipeline.config import ConfigError, PipelineConfig
-from pipeline.encoder import RANDOM_WARNING, CheckpointSpec, check_configured_encoders
-from pipeline.manifest import merge_stats
-from pipeline.metrics import DriverMetrics, NoopMetrics
+from pipeline.core.views import get_view
+from pipeline.encoders.base import RANDOM_WARNING
+from pipeline.encoders.checkpoints import CheckpointSpec
+from pipeline.encoders.load import check_configured_encoders
+from pipeline.io.manifest import merge_stats
+from pipeline.io.output import OutputFolder, OutputLease
+from pipeline.io.shards import ShardRef, list_shards
+from pipeline.io.storage import ShardError, fingerprint_changed, input_fingerprint
 from pipeline.records import ShardStats
-from pipeline.shards import (
-    OutputFolder,
-    OutputLease,
-    ShardError,
-    ShardRef,
-    fingerprint_changed,
-    input_fingerprint,
-    list_shards,
-)
 from pipeline.stages import rows as R
+from pipeline.stages.metrics import DriverMetrics, NoopMetrics
 from pipeline.stages.protect import ProtectActor
 from pipeline.stages.quality import QualitySettings, quality_batch
 from pipeline.stages.read import ReadSettings, read_shard
@@ -41,7 +38,6 @@ from pipeline.stages.write import (
     encode_batch,
     shard_summary,
 )
-from pipeline.views import get_view
 
 logger = logging.getLogger(__name__)
 

@@ -12,11 +12,11 @@ import numpy as np
 import torch
 
 from pipeline.config import STRENGTH_MARGIN_DB, PipelineConfig
-from pipeline.encoder import emulated_precision_note, load_configured_encoder, native_low_precision
-from pipeline.engine import PGDParams
-from pipeline.metrics import ActorMetrics, error_kind
-from pipeline.protect import Track, TrackProtector
+from pipeline.core.engine import PGDParams
+from pipeline.core.protect import Track, TrackProtector
+from pipeline.encoders.load import emulated_precision_note, load_configured_encoder, native_low_precision
 from pipeline.stages import rows as R
+from pipeline.stages.metrics import ActorMetrics, error_kind
 
 logger = logging.getLogger(__name__)
 

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline import quality
+from pipeline.core import quality
 from pipeline.stages import rows as R
 from pipeline.stages.segments import segment_plan
 

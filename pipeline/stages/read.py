@@ -7,8 +7,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from pipeline.audio import LOSSY_FORMATS, AudioDecodeError, decode, output_format_for, probe_bitrate_kbps
-from pipeline.shards import SHARD_ERROR_KEY, Sample, read_samples, split_name
+from pipeline.io.audio import LOSSY_FORMATS, AudioDecodeError, decode, output_format_for, probe_bitrate_kbps
+from pipeline.io.shards import SHARD_ERROR_KEY, Sample, read_samples, split_name
 from pipeline.stages import rows as R
 from pipeline.stages.segments import segment_count, track_rows
 
@@ -97,7 +97,7 @@ def sample_row(sample: Sample, settings: ReadSettings) -> dict[str, Any]:
 def read_shard(shard: dict[str, Any], settings: ReadSettings) -> Iterator[dict[str, Any]]:
     """flat_map body: every key of the shard as a row; a shard-level problem (missing, truncated
     tar, storage failure) or an empty shard adds one row of kind 'shard' (key `__shard__`) whose
-    error starts with the problem's kind (see `pipeline.shards`), so that the writer still hears
+    error starts with the problem's kind (see `pipeline.io.storage`), so that the writer still hears
     of the shard: it completes it, or for storage failures leaves it for the next run."""
     samples, shard_error = read_samples(shard[R.SHARD_URL], settings.storage_options, settings.max_member_bytes)
     rows = [sample_row(s, settings) for s in samples]

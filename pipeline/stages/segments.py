@@ -24,10 +24,10 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.audio import quantize_within
-from pipeline.protect import difference_figures
+from pipeline.core.protect import difference_figures
+from pipeline.core.windows import WindowPlan, crossfade_weights, plan_windows
+from pipeline.io.audio import quantize_within
 from pipeline.stages import rows as R
-from pipeline.windows import WindowPlan, crossfade_weights, plan_windows
 
 # Per-window figures: averaged over segments weighted by their window count.
 WINDOW_WEIGHTED = (

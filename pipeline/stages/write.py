@@ -12,10 +12,12 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from pipeline.audio import AudioEncodeError, OutputFormat, check_written, encode
-from pipeline.manifest import commit_shard
+from pipeline.io.audio import AudioEncodeError, OutputFormat, check_written, encode
+from pipeline.io.manifest import commit_shard
+from pipeline.io.output import OutputFolder
+from pipeline.io.shards import build_tar, read_samples, split_name
+from pipeline.io.storage import UNCOMMITTED_SHARD_ERRORS
 from pipeline.records import ManifestRow, SampleStatus, ShardStats
-from pipeline.shards import UNCOMMITTED_SHARD_ERRORS, OutputFolder, build_tar, read_samples, split_name
 from pipeline.stages import rows as R
 from pipeline.stages.segments import assemble, is_segment
 

@@ -18,9 +18,9 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import pyarrow.parquet as pq
 
-from pipeline.audio import decode
-from pipeline.robustness import Embedder, run_config, sample_pairs, write_outputs
-from pipeline.shards import OutputFolder
+from pipeline.evaluation.robustness import Embedder, run_config, sample_pairs, write_outputs
+from pipeline.io.audio import decode
+from pipeline.io.output import OutputFolder
 
 
 @dataclass

@@ -23,7 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
-from pipeline.audio import LOSSY_CODECS, codec_round_trip
+from pipeline.io.audio import LOSSY_CODECS, codec_round_trip
 
 CLAP_RATE = 48_000
 MUSICLDM_RATE = 16_000  # MusicLDM trains on 16 kHz audio

@@ -36,8 +36,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import yaml
 
+from pipeline.io.output import OutputFolder
+from pipeline.io.shards import list_shards
+from pipeline.io.storage import filesystem, open_url
 from pipeline.records import MANIFEST_SCHEMA, ShardStats
-from pipeline.shards import OutputFolder, filesystem, list_shards, open_url
 
 logger = logging.getLogger(__name__)
 
@@ -629,7 +631,7 @@ def render_items(
     """HTML for each item from its clean input member and its protected output member, read from
     the tars and decoded one item at a time; a problem becomes a warning paragraph for the items
     it touches, never an exception."""
-    from pipeline.audio import decode
+    from pipeline.io.audio import decode
 
     out: dict[tuple[str, str], str] = {}
     try:

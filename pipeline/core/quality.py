@@ -2,7 +2,7 @@
 
 PESQ and STOI are speech metrics (ITU-T P.862.2 wide-band, and short-time intelligibility): they
 are reported because listeners and reviewers know them, but for music the masking figures
-(`mask_energy_above`, `nmr_db`, from pipeline.perceptual) and ViSQOL v3 in audio mode (MOS-LQO,
+(`mask_energy_above`, `nmr_db`, from pipeline.core.perceptual) and ViSQOL v3 in audio mode (MOS-LQO,
 `visqol_moslqo`, measured on excerpts of a share of the items) are the appropriate ones.
 """
 

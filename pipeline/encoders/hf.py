@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.encoder import (
+from pipeline.encoders.base import (
     CLAP_RATE,
     CheckpointError,
     clips,

@@ -189,7 +189,7 @@ def pgd(
 #     δ    = clip(iSTFT(S), −ε, ε), in range       the L∞ cap is a final hard cap (its effect is reported)
 #     repeat `steps` times: Adam ascent on Δe = ||e(x+δ) − e₀||₂ w.r.t. W, cosine-decayed step size
 #
-# The budget (pipeline.perceptual.allowed_amplitude) is the music's masking threshold, so δ's energy
+# The budget (pipeline.core.perceptual.allowed_amplitude) is the music's masking threshold, so δ's energy
 # goes where the music masks it and nowhere else; no alternating projections fight each other.
 # ---------------------------------------------------------------------------------------------
 

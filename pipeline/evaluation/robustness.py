@@ -26,11 +26,13 @@ import soundfile as sf
 import torch
 import yaml
 
-from pipeline.audio import decode
 from pipeline.config import PipelineConfig, config_from_dict, load_config
-from pipeline.encoder import ClapView, load_configured_encoder
-from pipeline.shards import OutputFolder, read_samples
-from pipeline.views import musicldm
+from pipeline.core.views import musicldm
+from pipeline.encoders.base import ClapView
+from pipeline.encoders.load import load_configured_encoder
+from pipeline.io.audio import decode
+from pipeline.io.output import OutputFolder
+from pipeline.io.shards import read_samples
 
 Attack = Callable[[np.ndarray, int], np.ndarray]  # [samples, channels] at rate -> same shape
 

@@ -6,8 +6,8 @@ import io
 
 import pyarrow.parquet as pq
 
+from pipeline.io.output import OutputFolder
 from pipeline.records import ManifestRow, ShardStats, manifest_table
-from pipeline.shards import OutputFolder
 
 
 def parquet_bytes(rows: list[ManifestRow]) -> bytes:

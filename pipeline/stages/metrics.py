@@ -227,7 +227,7 @@ class DriverMetrics(NoopMetrics):
             logger.debug("metrics: no size for %s.tar: %s", shard_id, exc)
         if input_url:
             try:
-                from pipeline.shards import filesystem
+                from pipeline.io.storage import filesystem
 
                 fs, path = filesystem(input_url, storage_options)
                 bytes_in = int(fs.size(path))

@@ -16,10 +16,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from pipeline.audio import quantize_within
-from pipeline.encoder import ClapView, LoadedEncoder
-from pipeline.engine import PGDParams, SpectralParams, pgd, spectral_attack
-from pipeline.perceptual import (
+from pipeline.core.engine import PGDParams, SpectralParams, pgd, spectral_attack
+from pipeline.core.perceptual import (
     LEGACY_MASKING,
     MaskingConfig,
     allowed_amplitude,
@@ -27,8 +25,11 @@ from pipeline.perceptual import (
     masking_threshold,
     project_below_threshold,
 )
-from pipeline.views import get_view
-from pipeline.windows import WindowPlan, blend, plan_windows
+from pipeline.core.views import get_view
+from pipeline.core.windows import WindowPlan, blend, plan_windows
+from pipeline.encoders.base import ClapView
+from pipeline.encoders.load import LoadedEncoder
+from pipeline.io.audio import quantize_within
 
 
 @dataclass

@@ -316,7 +316,7 @@ class CatalogItem:
 
 
 def load_encoder_for(cfg: ImitationConfig, which: str):
-    from pipeline.encoder import load_encoder
+    from pipeline.encoders.load import load_encoder
 
     e = cfg.encoder
     spec, amodel, sha = (
@@ -337,8 +337,8 @@ def load_encoder_for(cfg: ImitationConfig, which: str):
 
 def make_catalog(cfg: ImitationConfig, n_tracks: int, encoder) -> list[CatalogItem]:
     """`n_tracks` synthetic tracks over `catalog.styles` styles, protected with TrackProtector."""
-    from pipeline.engine import PGDParams
-    from pipeline.protect import Track, TrackProtector
+    from pipeline.core.engine import PGDParams
+    from pipeline.core.protect import Track, TrackProtector
 
     c, a = cfg.catalog, cfg.attack
     tracks, styles = [], []
@@ -379,7 +379,7 @@ def make_catalog(cfg: ImitationConfig, n_tracks: int, encoder) -> list[CatalogIt
 
 def _audio_members(url: str, storage_options: dict) -> dict[str, tuple[bytes, dict]]:
     """key -> (audio bytes, json metadata) of every shard at `url` (folder, glob or .tar)."""
-    from pipeline.shards import list_shards, read_samples
+    from pipeline.io.shards import list_shards, read_samples
 
     out: dict[str, tuple[bytes, dict]] = {}
     for ref in list_shards(url, storage_options):
@@ -411,7 +411,7 @@ def _mono(samples: np.ndarray) -> np.ndarray:
 def load_catalog(clean_url: str, protected_url: str, storage_options: dict) -> list[CatalogItem]:
     """Clean and protected WebDataset shards matched by key; the style is the clean item's json
     `style` (else `genre`, else empty)."""
-    from pipeline.audio import decode
+    from pipeline.io.audio import decode
 
     clean = _audio_members(clean_url, storage_options)
     protected = _audio_members(protected_url, storage_options)
@@ -537,7 +537,7 @@ def crops_of(x: np.ndarray, length: int, count: int) -> list[np.ndarray]:
 def clap_embed(encoder, waves: np.ndarray, rate: int, batch: int) -> torch.Tensor:
     """CLAP embeddings [N, 512] of mono crops [N, samples] at `rate`, the MusicLDM way: resample to
     48 kHz (julius) and repeat-pad to 10 s (`ClapView`), fp32."""
-    from pipeline.encoder import ClapView
+    from pipeline.encoders.base import ClapView
 
     view = ClapView(rate).to(encoder.device)
     out = []
@@ -931,8 +931,8 @@ def run(
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from pipeline.encoder import emulated_precision_note, pick_device
-    from pipeline.shards import OutputFolder
+    from pipeline.encoders.load import emulated_precision_note, pick_device
+    from pipeline.io.output import OutputFolder
 
     hub_offline(cfg)
     started = time.perf_counter()

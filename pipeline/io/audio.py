@@ -275,7 +275,7 @@ def codec_round_trip(
     samples: np.ndarray, rate: int, codec: LossyCodec | str, kbps: int, timeout: float | None = None
 ) -> np.ndarray:
     """Encode with ffmpeg and decode back with ffmpeg: float32 of the input's shape (decoded length
-    cut or zero-padded to it). Used by the codec EOT views (`pipeline.views`)."""
+    cut or zero-padded to it). Used by the codec EOT views (`pipeline.core.views`)."""
     spec = _codec(codec)
     limit = timeout if timeout is not None else ffmpeg_timeout(samples.shape[0] / rate)
     channels = samples.shape[1]

@@ -31,8 +31,8 @@ import soundfile as sf
 import yaml
 
 from pipeline.config import ConfigError, EncoderConfig, PipelineConfig, load_config
-from pipeline.encoder import LoadedEncoder
-from pipeline.protect import Track, TrackProtector
+from pipeline.core.protect import Track, TrackProtector
+from pipeline.encoders.load import LoadedEncoder
 
 AUDIO_EXTENSIONS = (".flac", ".wav", ".ogg", ".mp3", ".opus", ".aiff", ".aif")
 GOOD_MOS = 4.0  # MOS-LQO at or above this counts as "good" in the share column
@@ -324,7 +324,7 @@ def protect_case(
 
 def _visqol_task(clean: np.ndarray, protected: np.ndarray, rate: int) -> float:
     """ViSQOL of two mono float32 signals (a top-level function, so process pools can run it)."""
-    from pipeline.quality import visqol_moslqo
+    from pipeline.core.quality import visqol_moslqo
 
     return visqol_moslqo(clean[:, None], protected[:, None], rate)
 
