@@ -1064,7 +1064,7 @@ def bench_gpu(
 
 def ensemble_child(spec: dict[str, Any]) -> dict[str, Any]:
     """Inside a fresh process: time `pgd` against spec['encoders'] encoders at once, as
-    TrackProtector runs an ensemble (its `_embed_fn` -> [b, k, D], its mean `distance`), on an
+    TrackProtector runs an ensemble (its `embed_fn` -> [b, k, D], its mean `distance`), on an
     in-memory batch of 10 s 48 kHz mono windows; report the median call time, the time of each PGD
     step and the memory the calls add on top of the loaded encoders."""
     import gc
@@ -1097,7 +1097,7 @@ def ensemble_child(spec: dict[str, Any]) -> dict[str, Any]:
     )
     x = torch.stack([clip_48k(i) for i in range(batch)])[:, None, :].to(dev)  # [B, 1, 480000]
     lengths = torch.full((batch,), CLAP_SAMPLES, device=dev)
-    ensemble_embed = protector._embed_fn(CLAP_RATE, lengths, ("clean48k",), random=True)
+    ensemble_embed = protector.embed_fn(CLAP_RATE, lengths, ("clean48k",), random=True)
     sync = _sync_for(dev)
     marks: list[tuple[float, bool]] = []  # (time, a gradient step's forward?) per embed call
 

@@ -82,7 +82,9 @@ def test_ensemble_reports_every_encoder(tiny_encoder, hf_encoder) -> None:
     params = PGDParams(0.003, 0.0006, 2, 0.00075)
     results = {}
     for objective in ("mean", "min"):
-        protector = TrackProtector([tiny_encoder, hf_encoder], params, batch_windows=2, ensemble=objective)
+        protector = TrackProtector(
+            [tiny_encoder, hf_encoder], params, batch_windows=2, ensemble=objective, perceptual="linf"
+        )
         results[objective] = protector.protect([track])[0]
     for objective, result in results.items():
         assert not result.error

@@ -65,6 +65,8 @@ def test_projection_lowers_audibility() -> None:
 
 def _protector(tiny_encoder, **kwargs) -> TrackProtector:
     params = PGDParams(eps=0.003, alpha=0.0006, steps=kwargs.pop("steps", 3), sigma=0.00075)
+    kwargs.setdefault("perceptual", "linf")
+    kwargs.setdefault("passband_hz", None)
     return TrackProtector(tiny_encoder, params, batch_windows=2, **kwargs)
 
 
@@ -171,7 +173,7 @@ def _spectral(tiny_encoder, x: torch.Tensor, rate: int, steps: int, margin_db: f
     protector = TrackProtector(tiny_encoder, PGDParams(eps, 0.0, steps, 0.0), perceptual="spectral",
                                margin_db=margin_db, passband_hz=14_000.0)  # fmt: skip
     budget = protector.budget(x, rate)
-    embed = protector._embed_fn(rate, torch.tensor([x.shape[-1]] * x.shape[0]), ("clean48k",), random=False)
+    embed = protector.embed_fn(rate, torch.tensor([x.shape[-1]] * x.shape[0]), ("clean48k",), random=False)
     params = SpectralParams(eps=eps, steps=steps, lr=0.1)
     noise = torch.randn((*budget.shape, 2), generator=torch.Generator().manual_seed(0))
     return spectral_attack(embed, x, budget, params, noise=noise), budget

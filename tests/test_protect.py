@@ -15,7 +15,9 @@ EPS = 0.003
 @pytest.fixture(scope="module")
 def protector(tiny_encoder) -> TrackProtector:
     params = PGDParams(eps=EPS, alpha=0.0006, steps=2, sigma=EPS / 4, target_delta_e=0.5)
-    return TrackProtector(tiny_encoder, params, window_seconds=10.0, overlap_seconds=1.0, batch_windows=4, seed=0)
+    return TrackProtector(
+        tiny_encoder, params, window_seconds=10.0, overlap_seconds=1.0, batch_windows=4, seed=0, perceptual="linf"
+    )
 
 
 def _pcm16(samples: np.ndarray) -> np.ndarray:

@@ -32,7 +32,7 @@ def protected_run(tmp_path_factory, tiny_encoder) -> tuple[Path, Path]:
         ("k2.flac", audio_bytes(2.0, 22_050, 1, "FLAC", seed=2)),
     ]
     write_shard(root / "clean" / "s0.tar", members)
-    protector = TrackProtector(tiny_encoder, PGDParams(0.003, 0.0006, 3, 0.00075), batch_windows=2)
+    protector = TrackProtector(tiny_encoder, PGDParams(0.003, 0.0006, 3, 0.00075), batch_windows=2, perceptual="linf")
     out_members, rows = [], []
     for name, data in members:
         clean = decode(data)

@@ -108,6 +108,9 @@ def window_seed(seed: int, key: str, index: int) -> int:
 class TrackProtector:
     """Holds a frozen encoder and the attack settings; protects lists of tracks.
 
+    Defaults are the config's (`perceptual` spectral, `margin_db` −3 dB = attack.strength 3,
+    `passband_hz` 14 kHz); `stages.protect.build_protector(cfg)` builds one from a config.
+
     Example::
 
         protector = TrackProtector(load_encoder("random:HTSAT-tiny:0"), PGDParams(0.003, 0.0006, 10, 0.00075))
@@ -123,13 +126,13 @@ class TrackProtector:
         overlap_seconds: float = 1.0,
         batch_windows: int = 8,
         seed: int = 0,
-        perceptual: str = "linf",
+        perceptual: str = "spectral",
         eot_views: tuple[str, ...] = ("clean48k",),
         measure_musicldm: bool = True,
         measure_masking: bool = True,
         ensemble: str = "mean",
-        passband_hz: float | None = None,
-        margin_db: float = 0.0,
+        passband_hz: float | None = 14000.0,
+        margin_db: float = -3.0,
         lr: float = 0.1,
     ):
         if perceptual not in PERCEPTUAL_MODES:
@@ -188,7 +191,7 @@ class TrackProtector:
         device = self.encoder.device
         return torch.from_numpy(batch).to(device), lengths.to(device), first.sample_rate
 
-    def _embed_fn(
+    def embed_fn(
         self,
         sample_rate: int,
         lengths: torch.Tensor,
@@ -273,7 +276,7 @@ class TrackProtector:
     def _attack(self, chunk: list[_Window], tracks: list[Track], x: torch.Tensor, lengths: torch.Tensor, rate: int):
         """Run the configured method on one batch of windows."""
         mask = (torch.arange(x.shape[-1], device=x.device)[None, :] < lengths[:, None])[:, None, :]
-        embed = self._embed_fn(rate, lengths, self.eot_views, random=True)
+        embed = self.embed_fn(rate, lengths, self.eot_views, random=True)
         generators = [
             torch.Generator().manual_seed(window_seed(self.seed, tracks[w.track].key, w.index)) for w in chunk
         ]
@@ -401,7 +404,7 @@ class TrackProtector:
 
     def _window_figures(self, chunk, adv, clean, lengths, rate, rows, clean_embeddings) -> dict[str, torch.Tensor]:
         """Per-window measurements of one batch: [B] tensors by name."""
-        embed = self._embed_fn(rate, lengths, ("clean48k",), random=False, encoders=self.encoders[:1])
+        embed = self.embed_fn(rate, lengths, ("clean48k",), random=False, encoders=self.encoders[:1])
         adv_e = embed(adv, rows)
         if all((w.track, w.index) in clean_embeddings for w in chunk):
             clean_e = torch.stack([clean_embeddings[(w.track, w.index)] for w in chunk])
@@ -412,10 +415,10 @@ class TrackProtector:
             "cos": torch.nn.functional.cosine_similarity(adv_e, clean_e, dim=-1).cpu(),
         }
         for encoder in self.encoders[1:]:  # the primary's Δe is "delta_e"; the others by their id
-            other = self._embed_fn(rate, lengths, ("clean48k",), random=False, encoders=[encoder])
+            other = self.embed_fn(rate, lengths, ("clean48k",), random=False, encoders=[encoder])
             figures[f"delta_e:{encoder.encoder_id}"] = (other(adv, rows) - other(clean, rows)).norm(dim=-1).cpu()
         if self.measure_musicldm:
-            view = self._embed_fn(rate, lengths, ("musicldm",), random=False, encoders=self.encoders[:1])
+            view = self.embed_fn(rate, lengths, ("musicldm",), random=False, encoders=self.encoders[:1])
             figures["delta_e_musicldm"] = (view(adv, rows) - view(clean, rows)).norm(dim=-1).cpu()
         if self.measure_masking:
             batch, channels, samples = clean.shape

@@ -244,31 +244,24 @@ def cut_excerpts(track: CatalogTrack, positions: list[float], seconds: float) ->
 
 
 class ProtectorFactory:
-    """build_protector for each case, loading each distinct encoder only once across cases.
-
-    `pipeline.stages.protect.build_protector` loads its encoders through the module's
-    `load_configured_encoder`; while it runs here, that name points at a cache keyed by the
-    (frozen, hashable) EncoderConfig and checkpoint spec."""
+    """build_protector for each case, loading each distinct encoder only once across cases
+    (cache keyed by the frozen, hashable EncoderConfig and checkpoint spec)."""
 
     def __init__(self) -> None:
-        self._encoders: dict[tuple[EncoderConfig, str | None], LoadedEncoder] = {}
+        self._encoders: dict[tuple[EncoderConfig, str], LoadedEncoder] = {}
 
     def build(self, cfg: PipelineConfig) -> TrackProtector:
-        from pipeline.stages import protect as stage
+        from pipeline.encoders.load import load_configured_encoder
+        from pipeline.stages.protect import build_protector
 
-        load = stage.load_configured_encoder
-
-        def cached(enc: EncoderConfig, options: Any, spec: str | None = None) -> LoadedEncoder:
-            key = (enc, spec)
-            if key not in self._encoders:
-                self._encoders[key] = load(enc, options, spec)
-            return self._encoders[key]
-
-        stage.load_configured_encoder = cached
-        try:
-            return stage.build_protector(cfg)
-        finally:
-            stage.load_configured_encoder = load
+        enc = cfg.encoder
+        options = cfg.io.storage.storage_options()
+        encoders = []
+        for spec in (enc.checkpoint, *enc.ensemble):
+            if (enc, spec) not in self._encoders:
+                self._encoders[(enc, spec)] = load_configured_encoder(enc, options, spec)
+            encoders.append(self._encoders[(enc, spec)])
+        return build_protector(cfg, encoders)
 
 
 def protect_case(

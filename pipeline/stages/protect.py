@@ -14,7 +14,12 @@ import torch
 from pipeline.config import STRENGTH_MARGIN_DB, PipelineConfig
 from pipeline.core.engine import PGDParams
 from pipeline.core.protect import Track, TrackProtector
-from pipeline.encoders.load import emulated_precision_note, load_configured_encoder, native_low_precision
+from pipeline.encoders.load import (
+    LoadedEncoder,
+    emulated_precision_note,
+    load_configured_encoder,
+    native_low_precision,
+)
 from pipeline.stages import rows as R
 from pipeline.stages.metrics import ActorMetrics, error_kind
 
@@ -32,11 +37,14 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     return precision
 
 
-def build_protector(cfg: PipelineConfig) -> TrackProtector:
-    """The encoder(s) and attack of `cfg`, ready to protect tracks (used by the actor and the bench)."""
+def build_protector(cfg: PipelineConfig, encoders: list[LoadedEncoder] | None = None) -> TrackProtector:
+    """The encoder(s) and attack of `cfg`, ready to protect tracks: the one way a TrackProtector is
+    built from a config (protect actor, bench, frontier, imitation). `encoders` already loaded are
+    used as they are (default: load cfg.encoder.checkpoint and its ensemble)."""
     enc = cfg.encoder
-    options = cfg.io.storage.storage_options()
-    encoders = [load_configured_encoder(enc, options, spec) for spec in (enc.checkpoint, *enc.ensemble)]
+    if encoders is None:
+        options = cfg.io.storage.storage_options()
+        encoders = [load_configured_encoder(enc, options, spec) for spec in (enc.checkpoint, *enc.ensemble)]
     a = cfg.attack
     params = PGDParams(
         eps=a.eps,
