@@ -18,6 +18,12 @@ class SampleStatus(str, enum.Enum):
     ERROR = "error"
 
 
+def error_kind(message: str) -> str:
+    """The kind of an error message: the text before its first ':' (manifest error_kinds, the
+    `kind` label of the error metrics, the report's error table)."""
+    return message.split(":", 1)[0].strip()[:60] or "unknown"
+
+
 @dataclass
 class ManifestRow:
     """One row of `<shard>.parquet`: one WebDataset key of the input shard, failed or not.
@@ -190,7 +196,7 @@ class ShardStats:
 
     def add_error(self, message: str) -> None:
         """Count an error by its kind: the text before the first ':' of its message."""
-        kind = message.split(":", 1)[0].strip()[:60] or "unknown"
+        kind = error_kind(message)
         if kind not in self.errors and len(self.errors) >= self.MAX_ERROR_KINDS:
             kind = "other"
         self.errors[kind] = self.errors.get(kind, 0) + 1

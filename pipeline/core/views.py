@@ -23,9 +23,9 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
+from pipeline.encoders.base import CLAP_RATE
 from pipeline.io.audio import LOSSY_CODECS, codec_round_trip
 
-CLAP_RATE = 48_000
 MUSICLDM_RATE = 16_000  # MusicLDM trains on 16 kHz audio
 MUSICLDM_MAX_SHIFT = int(0.24 * CLAP_RATE)  # 10.24 s training crop vs CLAP's 10 s crop
 

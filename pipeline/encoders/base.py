@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from collections.abc import Mapping
 from typing import Any, Protocol
 
@@ -28,6 +29,14 @@ RANDOM_WARNING = (
     "RANDOM CLAP WEIGHTS ({spec}): this encoder protects NOTHING. Its Δe figures only show that "
     "the machinery runs. Point encoder.checkpoint at a real laion-clap checkpoint for protection."
 )
+
+
+def set_hub_offline() -> None:
+    """HF_HUB_OFFLINE=1 (and TRANSFORMERS_OFFLINE=1) for this process, before anything imports
+    huggingface_hub: laion-clap's package import fetches tokenizers from the hub and retries for
+    minutes without a network; transformers and diffusers ask the hub too. The one place it is set."""
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 
 class CheckpointError(RuntimeError):

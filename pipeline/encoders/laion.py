@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,7 @@ from pipeline.encoders.base import (
     fill_clip,
     fusion_crop_starts,
     power_spectrogram,
+    set_hub_offline,
 )
 
 AUDIO_PREFIXES = ("audio_branch.", "audio_projection.")
@@ -33,8 +33,7 @@ def import_laion_clap(hub_offline: bool = True) -> Any:
     """Import laion_clap's model factory. Its package import fetches tokenizers from the hub and
     retries for minutes offline, so HF_HUB_OFFLINE=1 is set first unless the caller opts in."""
     if hub_offline:
-        os.environ["HF_HUB_OFFLINE"] = "1"
-        os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+        set_hub_offline()
     from laion_clap.clap_module import factory, htsat, model
 
     return factory, htsat, model

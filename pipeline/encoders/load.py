@@ -4,7 +4,6 @@ front ends, device and precision choice. The one module that imports both backen
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -12,7 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from pipeline.encoders.base import RANDOM_WARNING, CheckpointError, front_end_digest
+from pipeline.encoders.base import RANDOM_WARNING, CheckpointError, front_end_digest, set_hub_offline
 from pipeline.encoders.checkpoints import CheckpointSpec, file_sha256, resolve_checkpoint
 from pipeline.encoders.laion import ClapAudioEncoder, audio_state_dict, fusion_type_of, load_weights, read_audio_state
 
@@ -63,7 +62,7 @@ def check_configured_encoders(cfg: Any, storage_options: Mapping[str, Any] | Non
             from pipeline.encoders.hf import check_hf_checkpoint
 
             if cfg.hub_offline:
-                os.environ["HF_HUB_OFFLINE"] = "1"
+                set_hub_offline()
             try:
                 check_hf_checkpoint(parsed.url, cfg.cache_dir, dict(storage_options or {}))
             except (OSError, ValueError) as exc:
@@ -137,7 +136,7 @@ def load_encoder(
         from pipeline.encoders.hf import HFClapAudioEncoder, load_hf_encoder, random_hf_model
 
         if hub_offline:
-            os.environ["HF_HUB_OFFLINE"] = "1"
+            set_hub_offline()
         if parsed.is_random:
             model = HFClapAudioEncoder(random_hf_model(parsed.amodel, parsed.seed))
             encoder_id = str(parsed)

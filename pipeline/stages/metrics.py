@@ -58,11 +58,6 @@ WINDOW_SECONDS_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0
 MAX_ERROR_KINDS = ShardStats.MAX_ERROR_KINDS  # distinct `kind` labels; later kinds count as "other"
 
 
-def error_kind(message: str) -> str:
-    """The kind of an error message: the text before its first ':' (as ShardStats.add_error)."""
-    return message.split(":", 1)[0].strip()[:60] or "unknown"
-
-
 class _KindBound:
     """Keeps a label's distinct values bounded: after `limit` kinds, new ones become 'other'."""
 

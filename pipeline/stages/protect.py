@@ -20,8 +20,9 @@ from pipeline.encoders.load import (
     load_configured_encoder,
     native_low_precision,
 )
+from pipeline.records import error_kind
 from pipeline.stages import rows as R
-from pipeline.stages.metrics import ActorMetrics, error_kind
+from pipeline.stages.metrics import ActorMetrics
 
 logger = logging.getLogger(__name__)
 
