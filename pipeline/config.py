@@ -195,7 +195,7 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
     if dataclasses.is_dataclass(annotation):
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a mapping, got {value!r}")
-        return _build(annotation, value, f"{key}.")
+        return build_dataclass(annotation, value, f"{key}.")
     if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
         if value is None and type(None) in args:
             return None
@@ -234,7 +234,9 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
     return value
 
 
-def _build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+def build_dataclass(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+    """A config dataclass `cls` (nested sections too) from a plain dict, values coerced to the
+    field types; unknown keys raise ConfigError naming where (`prefix`, e.g. "attack.")."""
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names)
@@ -254,7 +256,8 @@ def _coerce_default(cls: type, name: str) -> Any:
     return f.default_factory()  # type: ignore[misc]
 
 
-def _apply_override(tree: dict[str, Any], override: str) -> None:
+def apply_override(tree: dict[str, Any], override: str) -> None:
+    """Apply one `section.key=value` override (value parsed as YAML) to a plain config dict."""
     if "=" not in override:
         raise ConfigError(f"override {override!r} must look like section.key=value")
     dotted, raw = override.split("=", 1)
@@ -271,8 +274,8 @@ def config_from_dict(data: dict[str, Any], overrides: list[str] | tuple[str, ...
     """Build and validate a PipelineConfig from a plain mapping plus `section.key=value` overrides."""
     tree = json.loads(json.dumps(data or {}))  # deep copy of plain data
     for override in overrides:
-        _apply_override(tree, override)
-    cfg = _build(PipelineConfig, tree)
+        apply_override(tree, override)
+    cfg = build_dataclass(PipelineConfig, tree)
     validate(cfg)
     return cfg
 

@@ -48,7 +48,7 @@ import torch
 import yaml
 from torch import nn
 
-from pipeline.config import ConfigError, StorageConfig, _apply_override, _build
+from pipeline.config import ConfigError, StorageConfig, apply_override, build_dataclass
 
 logger = logging.getLogger(__name__)
 
@@ -202,8 +202,8 @@ def load_imitation_config(path: str | Path | None, overrides: list[str] | tuple[
             raise ConfigError(f"{path}: the top level must be a mapping")
         tree = loaded or {}
     for override in overrides:
-        _apply_override(tree, override)
-    cfg = _build(ImitationConfig, tree)
+        apply_override(tree, override)
+    cfg = build_dataclass(ImitationConfig, tree)
     checks = [
         (cfg.catalog.styles >= 1 and cfg.catalog.styles <= len(STYLES), f"catalog.styles must be 1..{len(STYLES)}"),
         (cfg.mel.crop_seconds > 0, "mel.crop_seconds must be > 0"),
