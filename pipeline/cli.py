@@ -1,14 +1,37 @@
-"""Command line: `unlearnable protect | demo | embed | status`. Wiring only: arguments -> config ->
-stages."""
+"""unlearnable: protect music catalogs from CLAP-conditioned diffusion models.
+
+Protect path: `protect` (a catalog of WebDataset shards), `status` (complete / pending shards of a
+run), `demo` (a synthetic catalog, protected with a random encoder), `embed` (CLAP embedding of a
+file). Evaluation (the `[eval]` extra for report, imitate, frontier): `robustness`, `transfer`,
+`imitate`, `frontier`, `report`; `bench` benchmarks. Wiring only: arguments -> config -> stages;
+each command imports its heavy libraries when it runs, so `status` and `--help` start fast."""
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import sys
 from pathlib import Path
 
 from pipeline.config import ConfigError, PipelineConfig, load_config
+
+# name: (module with build_parser(parser), help); imported only when its command runs.
+EVALUATION_COMMANDS = {
+    "robustness": ("pipeline.evaluation.robustness", "Δe retained under codecs, resampling, noise"),
+    "transfer": ("pipeline.evaluation.transfer", "Δe measured with encoders used and not used for δ"),
+    "imitate": ("pipeline.evaluation.imitation", "train clean / protected / noise-control imitators and compare them"),
+    "frontier": ("pipeline.evaluation.frontier", "ViSQOL quality vs Δe for a sweep of attack settings"),
+    "report": ("pipeline.evaluation.report", "HTML report of an output folder: Δe, quality, errors"),
+}
+# Errors a user can act on (one line, no traceback without -v): (module, class name). Looked up only
+# in modules already imported, so that the error path imports nothing heavy.
+USER_ERRORS = (
+    ("pipeline.encoders.base", "CheckpointError"),
+    ("pipeline.io.storage", "ShardError"),
+    ("pipeline.evaluation.report", "ReportError"),
+    ("pipeline.evaluation.robustness", "AttackError"),
+)
 
 PACKAGE_ROOT = Path(__file__).resolve().parent
 DEMO_CONFIG = PACKAGE_ROOT.parent / "configs" / "demo.yaml"
@@ -119,12 +142,11 @@ def cmd_embed(args: argparse.Namespace) -> int:
 
 def cmd_status(args: argparse.Namespace) -> int:
     from pipeline.io.manifest import merge_stats
-    from pipeline.stages.pipeline import plan
+    from pipeline.io.output import OutputFolder
+    from pipeline.stages.plan import plan
 
     cfg = _config(args)
     run_plan = plan(cfg)
-    from pipeline.io.output import OutputFolder
-
     total = merge_stats(OutputFolder(cfg.io.output, cfg.io.storage.storage_options()))
     done, pending = len(run_plan.skipped), len(run_plan.pending)
     print(f"shards: {len(run_plan.shards)} total, {done} complete, {pending} pending")
@@ -136,7 +158,9 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The whole parser; `command` (the first argument) picks the one evaluation command whose
+    module is imported to add its arguments."""
     parser = argparse.ArgumentParser(prog="unlearnable", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -172,16 +196,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output .npy (float32 [512])")
     p.set_defaults(func=cmd_embed)
 
-    # Each of these modules owns its arguments; imported here so `--help` lists them.
-    from pipeline.evaluation import frontier, imitation, report, robustness, transfer
-
-    robustness.build_parser(sub.add_parser("robustness", help="Δe retained under codecs, resampling, noise"))
-    transfer.build_parser(sub.add_parser("transfer", help="Δe measured with encoders used and not used for δ"))
-    imitation.build_parser(
-        sub.add_parser("imitate", help="train clean / protected / noise-control imitators and compare them")
-    )
-    frontier.build_parser(sub.add_parser("frontier", help="ViSQOL quality vs Δe for a sweep of attack settings"))
-    report.build_parser(sub.add_parser("report", help="HTML report of an output folder: Δe, quality, errors"))
+    # Each evaluation module owns its arguments; only the chosen command's module is imported.
+    for name, (module, help_text) in EVALUATION_COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, add_help=name == command)
+        if name == command:
+            importlib.import_module(module).build_parser(p)
     sub.add_parser("bench", help="benchmark engine, pipeline and baseline (see docs/benchmarks.md)", add_help=False)
     return parser
 
@@ -192,7 +211,8 @@ def main(argv: list[str] | None = None) -> int:
         from pipeline.bench import main as bench_main
 
         return bench_main(argv[1:])
-    args = build_parser().parse_args(argv)
+    command = next((a for a in argv if not a.startswith("-")), None)
+    args = build_parser(command).parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -203,13 +223,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"config error: {exc}", file=sys.stderr)
         return 2
     except Exception as exc:  # the CLI's last word: one clear line, the traceback with -v
-        from pipeline.encoders.base import CheckpointError
-        from pipeline.evaluation.report import ReportError
-        from pipeline.evaluation.robustness import AttackError
-        from pipeline.io.storage import ShardError
-
-        known = (CheckpointError, ShardError, FileNotFoundError, ReportError, AttackError)
-        if isinstance(exc, known) and not args.verbose:
+        known = [FileNotFoundError]
+        for module, name in USER_ERRORS:
+            if module in sys.modules:
+                known.append(getattr(sys.modules[module], name))
+        if isinstance(exc, tuple(known)) and not args.verbose:
             print(f"error: {exc}", file=sys.stderr)
             return 1
         raise

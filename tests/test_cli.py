@@ -113,3 +113,25 @@ def test_robustness_job_entrypoint_reads_environment() -> None:
         "robustness", "--count", "5", "--input", "s3://a/out/", "--clean", "s3://a/in/"
     ]  # fmt: skip
     assert robustness_argv(["--input", "x", "--clean", "y"], env) == ["robustness", "--input", "x", "--clean", "y"]
+
+
+def test_status_and_help_import_no_heavy_library(tmp_path: Path) -> None:
+    """`status` and `--help` only read storage: torch, ray and the evaluation libraries stay out."""
+    from tests.conftest import write_shard
+
+    write_shard(tmp_path / "in" / "s-000.tar", [("k.wav", audio_bytes(0.5, 16000, 1))])
+    config = tmp_path / "c.yaml"
+    config.write_text(f"io: {{input: {tmp_path / 'in'}, output: {tmp_path / 'out'}}}\n")
+    heavy = ["torch", "ray", "matplotlib", "diffusers", "librosa", "transformers", "laion_clap"]
+    script = (
+        "import contextlib, io, sys\n"
+        "from pipeline.cli import main\n"
+        f"assert main(['status', '--config', {str(config)!r}]) == 0\n"
+        "with contextlib.redirect_stdout(io.StringIO()), contextlib.suppress(SystemExit):\n"
+        "    main(['--help'])\n"
+        f"print(sorted(m for m in {heavy!r} if m in sys.modules))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "shards: 1 total, 0 complete, 1 pending" in done.stdout
+    assert done.stdout.strip().splitlines()[-1] == "[]", done.stdout
