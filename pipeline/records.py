@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import json
+import typing
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,6 +17,11 @@ class SampleStatus(str, enum.Enum):
 
     OK = "ok"
     ERROR = "error"
+
+    def __str__(self) -> str:  # "ok", not "SampleStatus.OK", in messages and labels
+        return self.value
+
+    __format__ = str.__format__
 
 
 def error_kind(message: str) -> str:
@@ -96,47 +102,24 @@ class ManifestRow:
         return cls(**kwargs)
 
 
+def _arrow_type(annotation: Any) -> pa.DataType:
+    """Arrow type of a ManifestRow field annotation."""
+    if annotation is SampleStatus or annotation is str:
+        return pa.string()
+    simple = {bool: pa.bool_(), int: pa.int32(), float: pa.float64()}
+    if annotation in simple:
+        return simple[annotation]
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is list:
+        return pa.list_(_arrow_type(args[0]))
+    if origin is dict:
+        return pa.map_(_arrow_type(args[0]), _arrow_type(args[1]))
+    raise TypeError(f"no Arrow type for {annotation!r}")
+
+
+# The Parquet manifest's schema, derived from ManifestRow (field order = column order).
 MANIFEST_SCHEMA = pa.schema(
-    [
-        ("key", pa.string()),
-        ("status", pa.string()),
-        ("error", pa.string()),
-        ("input_member", pa.string()),
-        ("output_member", pa.string()),
-        ("output_format", pa.string()),
-        ("lossy_output", pa.bool_()),
-        ("written", pa.bool_()),
-        ("duration_s", pa.float64()),
-        ("sample_rate", pa.int32()),
-        ("channels", pa.int32()),
-        ("n_windows", pa.int32()),
-        ("delta_e_mean", pa.float64()),
-        ("delta_e_min", pa.float64()),
-        ("cos_mean", pa.float64()),
-        ("delta_e_musicldm", pa.float64()),
-        ("delta_e_written", pa.float64()),
-        ("linf", pa.float64()),
-        ("linf_written", pa.float64()),
-        ("eps_bound_holds", pa.bool_()),
-        ("l2", pa.float64()),
-        ("snr_db", pa.float64()),
-        ("segsnr_db", pa.float64()),
-        ("pesq_wb", pa.float64()),
-        ("stoi", pa.float64()),
-        ("visqol_moslqo", pa.float64()),
-        ("visqol_measured", pa.bool_()),
-        ("visqol_excerpt_starts_s", pa.list_(pa.float64())),
-        ("visqol_excerpt_moslqo", pa.list_(pa.float64())),
-        ("mask_energy_above", pa.float64()),
-        ("nmr_db", pa.float64()),
-        ("capped_share", pa.float64()),
-        ("delta_e_by_encoder", pa.map_(pa.string(), pa.float64())),
-        ("objective", pa.float64()),
-        ("steps_mean", pa.float64()),
-        ("seconds", pa.float64()),
-        ("encoder_id", pa.string()),
-        ("config_hash", pa.string()),
-    ]
+    [(name, _arrow_type(hint)) for name, hint in typing.get_type_hints(ManifestRow).items() if not name.startswith("_")]
 )
 assert MANIFEST_SCHEMA.names == [f.name for f in dataclasses.fields(ManifestRow)]
 

@@ -22,7 +22,7 @@ import time
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from pipeline.records import ShardStats
+from pipeline.records import SampleStatus, ShardStats
 
 logger = logging.getLogger(__name__)
 
@@ -168,8 +168,8 @@ class DriverMetrics(NoopMetrics):
 
     def shard_done(self, stats: ShardStats, bytes_in: int | None = None, bytes_out: int | None = None) -> None:
         """Add one committed shard's totals."""
-        self.items.labels(status="ok").inc(stats.ok)
-        self.items.labels(status="error").inc(stats.error)
+        self.items.labels(status=SampleStatus.OK).inc(stats.ok)
+        self.items.labels(status=SampleStatus.ERROR).inc(stats.error)
         self.failed_items.labels(outcome="passthrough").inc(stats.passthrough)
         self.failed_items.labels(outcome="dropped").inc(stats.dropped)
         self.windows.inc(stats.windows)
@@ -240,7 +240,7 @@ class DriverMetrics(NoopMetrics):
         except Exception as exc:
             logger.warning("metrics: cannot read the manifest of %s: %s", shard_id, exc)
             return
-        ok = [r for r in rows if r["status"] == "ok"]
+        ok = [r for r in rows if r["status"] == SampleStatus.OK]
         steps = sum(
             (r["steps_mean"] or 0.0) * (r["n_windows"] or 0)
             for r in ok

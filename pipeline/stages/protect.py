@@ -20,7 +20,7 @@ from pipeline.encoders.load import (
     load_configured_encoder,
     native_low_precision,
 )
-from pipeline.records import error_kind
+from pipeline.records import SampleStatus, error_kind
 from pipeline.stages import rows as R
 from pipeline.stages.metrics import ActorMetrics
 
@@ -85,7 +85,7 @@ class ProtectActor:
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
         rows = R.batch_to_rows(batch)
-        todo = [i for i, row in enumerate(rows) if row[R.STATUS] == "ok" and row[R.KIND] == R.KIND_SAMPLE]
+        todo = [i for i, row in enumerate(rows) if row[R.STATUS] == SampleStatus.OK and row[R.KIND] == R.KIND_SAMPLE]
         tracks, tracked = [], []
         for i in todo:
             row = rows[i]
@@ -97,7 +97,7 @@ class ProtectActor:
                 tracks.append(Track(seed_key, samples, row[R.SAMPLE_RATE], row[R.OUT_SUBTYPE]))
                 tracked.append(i)
             except (ValueError, TypeError) as exc:
-                row.update({R.STATUS: "error", R.ERROR: f"input: malformed PCM row: {exc}"})
+                row.update({R.STATUS: SampleStatus.ERROR, R.ERROR: f"input: malformed PCM row: {exc}"})
         todo = tracked
         try:
             results = self.protector.protect(tracks) if tracks else []
@@ -105,9 +105,9 @@ class ProtectActor:
             logger.exception("protect failed for a whole batch")
             results = [None] * len(tracks)
             for i in todo:
-                rows[i].update({R.STATUS: "error", R.ERROR: f"pgd: {type(exc).__name__}: {exc}"})
+                rows[i].update({R.STATUS: SampleStatus.ERROR, R.ERROR: f"pgd: {type(exc).__name__}: {exc}"})
         for row in rows:
-            row[R.CLEAN_PCM] = row[R.PCM] if row[R.STATUS] == "ok" else b""
+            row[R.CLEAN_PCM] = row[R.PCM] if row[R.STATUS] == SampleStatus.OK else b""
             row[R.PCM] = b""
             row[R.ENCODER_ID] = self.encoder_id
             row[R.DELTA_E_BY_ENCODER] = "{}"
@@ -118,7 +118,7 @@ class ProtectActor:
                 continue
             row = rows[i]
             if result.error:
-                row.update({R.STATUS: "error", R.ERROR: result.error, R.CLEAN_PCM: b""})
+                row.update({R.STATUS: SampleStatus.ERROR, R.ERROR: result.error, R.CLEAN_PCM: b""})
                 continue
             row[R.PCM] = result.samples.tobytes()
             for name in R.STATS:  # quality-stage figures (segsnr, pesq, stoi) stay NaN here
@@ -131,7 +131,7 @@ class ProtectActor:
         done = [r for r in results if r is not None and not r.error]
         errors: dict[str, int] = {}
         for i in todo:
-            if rows[i][R.STATUS] == "error":
+            if rows[i][R.STATUS] == SampleStatus.ERROR:
                 kind = error_kind(rows[i][R.ERROR])
                 errors[kind] = errors.get(kind, 0) + 1
         self.metrics.batch_done(

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.core import quality
+from pipeline.records import SampleStatus
 from pipeline.stages import rows as R
 from pipeline.stages.segments import segment_plan
 
@@ -67,7 +68,7 @@ def quality_batch(batch: dict[str, Any], settings: QualitySettings) -> dict[str,
     for row in rows:
         row.setdefault("visqol_moslqo", float("nan"))
         row.update({R.VISQOL_MEASURED: False, R.VISQOL_STARTS: "[]", R.VISQOL_SCORES: "[]"})
-        if row[R.STATUS] == "ok" and row[R.KIND] == R.KIND_SAMPLE and row[R.PCM] and row[R.CLEAN_PCM]:
+        if row[R.STATUS] == SampleStatus.OK and row[R.KIND] == R.KIND_SAMPLE and row[R.PCM] and row[R.CLEAN_PCM]:
             shape = (row[R.N_SAMPLES], row[R.CHANNELS])
             clean = np.frombuffer(row[R.CLEAN_PCM], dtype=np.float32).reshape(shape)
             protected = np.frombuffer(row[R.PCM], dtype=np.float32).reshape(shape)

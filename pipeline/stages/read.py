@@ -9,6 +9,7 @@ from typing import Any
 
 from pipeline.io.audio import LOSSY_FORMATS, AudioDecodeError, decode, output_format_for, probe_bitrate_kbps
 from pipeline.io.shards import SHARD_ERROR_KEY, Sample, read_samples, split_name
+from pipeline.records import SampleStatus
 from pipeline.stages import rows as R
 from pipeline.stages.segments import segment_count, track_rows
 
@@ -39,7 +40,7 @@ def sample_row(sample: Sample, settings: ReadSettings) -> dict[str, Any]:
     row: dict[str, Any] = {
         R.KEY: sample.key,
         R.KIND: R.KIND_SAMPLE,
-        R.STATUS: "ok",
+        R.STATUS: SampleStatus.OK,
         R.ERROR: "",
         R.MEMBER_NAMES: list(sample.names),
         R.MEMBER_DATA: list(sample.data),
@@ -57,13 +58,13 @@ def sample_row(sample: Sample, settings: ReadSettings) -> dict[str, Any]:
         i for i, n in enumerate(sample.names) if split_name(n)[1].rsplit(".", 1)[-1].lower() in settings.extensions
     ]
     if sample.error:
-        row.update({R.STATUS: "error", R.ERROR: f"bad member: {sample.error}"})
+        row.update({R.STATUS: SampleStatus.ERROR, R.ERROR: f"bad member: {sample.error}"})
     elif not audio:
-        row.update({R.STATUS: "error", R.ERROR: "no audio member: none of " + ", ".join(sample.names)})
+        row.update({R.STATUS: SampleStatus.ERROR, R.ERROR: "no audio member: none of " + ", ".join(sample.names)})
     elif len(audio) > 1:
         names = ", ".join(sample.names[i] for i in audio)
-        row.update({R.STATUS: "error", R.ERROR: f"multiple audio members: {names}"})
-    if row[R.STATUS] == "error":
+        row.update({R.STATUS: SampleStatus.ERROR, R.ERROR: f"multiple audio members: {names}"})
+    if row[R.STATUS] == SampleStatus.ERROR:
         if audio:
             row[R.AUDIO_MEMBER] = audio[0]
         return row
@@ -72,7 +73,7 @@ def sample_row(sample: Sample, settings: ReadSettings) -> dict[str, Any]:
     try:
         decoded = decode(sample.data[index])
     except AudioDecodeError as exc:
-        row.update({R.STATUS: "error", R.ERROR: f"decode: {stable_message(str(exc))}"})
+        row.update({R.STATUS: SampleStatus.ERROR, R.ERROR: f"decode: {stable_message(str(exc))}"})
         return row
     ext = split_name(sample.names[index])[1].rsplit(".", 1)[-1]
     bitrate = 0
@@ -106,7 +107,7 @@ def read_shard(shard: dict[str, Any], settings: ReadSettings) -> Iterator[dict[s
             {
                 **sample_row(Sample(key=SHARD_ERROR_KEY), settings),
                 R.KIND: R.KIND_SHARD,
-                R.STATUS: "error" if shard_error else "ok",
+                R.STATUS: SampleStatus.ERROR if shard_error else "ok",
                 R.ERROR: stable_message(shard_error),
             }
         )

@@ -1,14 +1,79 @@
-"""The plain columns that travel between stages (str, int, bytes, lists of them), one row per key."""
+"""The row that travels between stages, one per WebDataset key (or per segment of a long track):
+plain columns only (str, int, float, bool, bytes, lists of them), so Ray builds Arrow blocks from
+them. `TrackRow` is the one definition of its columns and their types; the name constants below are
+its keys (checked at import), for code that indexes rows."""
 
 from __future__ import annotations
 
 import json
 import math
-from typing import Any
+from typing import Any, TypedDict
 
 import numpy as np
 
-# Column names, in one place.
+
+class TrackRow(TypedDict, total=False):
+    """Columns of a stage row, in the order stages add them."""
+
+    # read stage (stages/read.py)
+    shard_id: str
+    shard_url: str
+    shard_items: int  # keys in the input shard (every row of the shard carries it)
+    index: int  # position of the key in the input shard
+    key: str
+    kind: str  # KIND_SAMPLE, or KIND_SHARD for a row standing for the shard itself
+    status: str  # records.SampleStatus value
+    error: str  # "<kind>: <detail>" when status is error
+    member_names: list[str]  # tar members of the key (the audio member and its companions)
+    member_data: list[bytes]  # their bytes (the audio member's are dropped from segment rows)
+    audio_member: str
+    pcm: bytes  # float32 [n_samples, channels] interleaved; δ-protected after the protect stage
+    n_samples: int  # samples per channel of this row's audio
+    channels: int
+    sample_rate: int  # Hz
+    out_format: str
+    out_subtype: str
+    out_ext: str
+    out_bitrate: int  # kbps of a lossy re-encode (audio.lossy_output: same); 0: lossless output
+    # long tracks (stages/segments.py); every other row is segment 0 of 1
+    segment: int
+    segments: int
+    segment_start: int  # samples
+    track_samples: int  # samples per channel of the whole track
+    # protect stage (stages/protect.py) and quality stage (stages/quality.py): the STATS figures
+    clean_pcm: bytes  # the clean PCM, carried to the encode stage (then dropped)
+    n_windows: int
+    delta_e_mean: float
+    delta_e_min: float
+    cos_mean: float
+    delta_e_musicldm: float
+    linf: float
+    l2: float
+    snr_db: float
+    segsnr_db: float
+    pesq_wb: float
+    stoi: float
+    visqol_moslqo: float
+    mask_energy_above: float
+    nmr_db: float
+    capped_share: float
+    objective: float
+    steps_mean: float
+    seconds: float
+    delta_e_by_encoder: str  # JSON object: encoder id -> mean Δe
+    encoder_id: str
+    visqol_measured: bool
+    visqol_excerpt_starts_s: str  # JSON list of floats (an all-empty Arrow list column has no type)
+    visqol_excerpt_moslqo: str  # JSON list of floats
+    # encode stage (stages/write.py): the written bytes, decoded again and measured
+    audio_bytes: bytes
+    lossy_output: bool
+    linf_written: float
+    eps_bound_holds: bool
+    delta_e_written: float
+
+
+# Column names (keys of TrackRow).
 SHARD_ID, SHARD_URL, SHARD_ITEMS, INDEX = "shard_id", "shard_url", "shard_items", "index"
 KEY, KIND, STATUS, ERROR = "key", "kind", "status", "error"
 MEMBER_NAMES, MEMBER_DATA, AUDIO_MEMBER = "member_names", "member_data", "audio_member"
@@ -51,6 +116,10 @@ VISQOL_STARTS, VISQOL_SCORES = "visqol_excerpt_starts_s", "visqol_excerpt_moslqo
 VISQOL = (VISQOL_MEASURED, VISQOL_STARTS, VISQOL_SCORES)
 DELTA_E_BY_ENCODER = "delta_e_by_encoder"  # JSON object: encoder id -> mean Δe (an ensemble has several)
 ENCODER_ID = "encoder_id"
+
+_NAMES = [v for k, v in dict(globals()).items() if k.isupper() and isinstance(v, str)]
+_NAMES += [*WRITTEN, *STATS, *VISQOL]
+assert set(_NAMES) <= set(TrackRow.__annotations__), set(_NAMES) - set(TrackRow.__annotations__)
 
 KIND_SAMPLE = "sample"
 KIND_SHARD = "shard"  # a row that stands for the shard itself (shard-level error, or an empty shard)

@@ -27,6 +27,7 @@ import numpy as np
 from pipeline.core.protect import difference_figures
 from pipeline.core.windows import WindowPlan, crossfade_weights, plan_windows
 from pipeline.io.audio import quantize_within
+from pipeline.records import SampleStatus
 from pipeline.stages import rows as R
 
 # Per-window figures: averaged over segments weighted by their window count.
@@ -56,7 +57,7 @@ def segment_plan(n_samples: int, sample_rate: int, segment_seconds: float, overl
 
 def segment_count(row: dict[str, Any], segment_seconds: float, overlap_seconds: float) -> int:
     """How many rows :func:`track_rows` makes of `row`."""
-    if row[R.STATUS] != "ok" or not row[R.PCM]:
+    if row[R.STATUS] != SampleStatus.OK or not row[R.PCM]:
         return 1
     return len(segment_plan(row[R.N_SAMPLES], row[R.SAMPLE_RATE], segment_seconds, overlap_seconds).starts)
 
@@ -67,7 +68,7 @@ def track_rows(row: dict[str, Any], segment_seconds: float, overlap_seconds: flo
     that every row has the same columns."""
     defaults = {R.SEGMENT: 0, R.SEGMENTS: 1, R.SEGMENT_START: 0, R.TRACK_SAMPLES: int(row.get(R.N_SAMPLES) or 0)}
     row = {**row, **defaults}
-    if row[R.STATUS] != "ok" or not row[R.PCM]:
+    if row[R.STATUS] != SampleStatus.OK or not row[R.PCM]:
         return [row]
     plan = segment_plan(row[R.N_SAMPLES], row[R.SAMPLE_RATE], segment_seconds, overlap_seconds)
     if len(plan.starts) == 1:
@@ -118,10 +119,15 @@ def assemble(rows: list[dict[str, Any]], eps: float) -> dict[str, Any]:
         R.PCM: b"",
         R.CLEAN_PCM: b"",
     }
-    failed = [r for r in rows if r[R.STATUS] != "ok"]
+    failed = [r for r in rows if r[R.STATUS] != SampleStatus.OK]
     if failed:
         segment = failed[0]
-        track.update({R.STATUS: "error", R.ERROR: f"{segment[R.ERROR]} (segment {segment[R.SEGMENT] + 1}/{len(rows)})"})
+        track.update(
+            {
+                R.STATUS: SampleStatus.ERROR,
+                R.ERROR: f"{segment[R.ERROR]} (segment {segment[R.SEGMENT] + 1}/{len(rows)})",
+            }
+        )
         return track
     channels, n = first[R.CHANNELS], first[R.TRACK_SAMPLES]
     plan = WindowPlan(

@@ -52,7 +52,7 @@ def encode_row(row: dict[str, Any], eps: float) -> None:
         row[R.AUDIO_BYTES] = encode(samples, row[R.SAMPLE_RATE], out)
         check = check_written(row[R.AUDIO_BYTES], clean, samples, row[R.SAMPLE_RATE], out, eps)
     except AudioEncodeError as exc:
-        row.update({R.STATUS: "error", R.ERROR: f"encode: {exc}", R.AUDIO_BYTES: b""})
+        row.update({R.STATUS: SampleStatus.ERROR, R.ERROR: f"encode: {exc}", R.AUDIO_BYTES: b""})
         return
     row[R.LINF_WRITTEN] = check.linf
     row[R.EPS_BOUND_HOLDS] = check.bound_holds
@@ -70,7 +70,7 @@ def encode_batch(batch: dict[str, Any], settings: EncodeSettings | None = None) 
         row.update({R.LINF_WRITTEN: float("nan"), R.DELTA_E_WRITTEN: float("nan")})
         if is_segment(row):
             continue  # one part of a long track: the writer assembles, then encodes it (encode_row)
-        if row[R.STATUS] == "ok" and row[R.KIND] == R.KIND_SAMPLE:
+        if row[R.STATUS] == SampleStatus.OK and row[R.KIND] == R.KIND_SAMPLE:
             encode_row(row, eps)
         row[R.PCM] = b""
         row[R.CLEAN_PCM] = b""
@@ -105,7 +105,7 @@ def shard_outputs(
         names, data, audio = row[R.MEMBER_NAMES] or [], row[R.MEMBER_DATA] or [], row[R.AUDIO_MEMBER]
         stats.encoder_id = stats.encoder_id or row.get(R.ENCODER_ID) or ""
         if row[R.KIND] == R.KIND_SHARD:
-            if row[R.STATUS] == "error":
+            if row[R.STATUS] == SampleStatus.ERROR:
                 stats.add_error(row[R.ERROR])
                 manifest.append(ManifestRow(key=row[R.KEY], status=SampleStatus.ERROR, error=row[R.ERROR]))
             continue
@@ -292,14 +292,14 @@ class ShardWriter:
         try:
             row = assemble(parts, self.settings.eps)
         except Exception as exc:  # a track that cannot be put together fails alone
-            row = {**parts[0], R.STATUS: "error", R.ERROR: f"assemble: {type(exc).__name__}: {exc}"}
+            row = {**parts[0], R.STATUS: SampleStatus.ERROR, R.ERROR: f"assemble: {type(exc).__name__}: {exc}"}
         parts.clear()
         row.update({R.AUDIO_BYTES: b"", R.LOSSY_OUTPUT: False, R.EPS_BOUND_HOLDS: False})
         row.update({R.LINF_WRITTEN: float("nan"), R.DELTA_E_WRITTEN: float("nan")})
-        if row[R.STATUS] == "ok":
+        if row[R.STATUS] == SampleStatus.OK:
             encode_row(row, self.settings.eps)
         row[R.PCM] = row[R.CLEAN_PCM] = b""
-        if row[R.STATUS] != "ok" and self.settings.on_error == "passthrough":
+        if row[R.STATUS] != SampleStatus.OK and self.settings.on_error == "passthrough":
             self._restore_original_members(row)
         return row
 
