@@ -1,46 +1,17 @@
-"""Shared fixtures: synthetic audio and shards, one random HTSAT-tiny encoder, one local Ray."""
+"""Shared fixtures: one random HTSAT-tiny encoder, one local Ray. What tests build (audio, shards,
+catalogs, configs) is in tests/factories.py."""
 
 from __future__ import annotations
 
-import io
 import os
-import tarfile
-from pathlib import Path
 
 import numpy as np
 import pytest
-import soundfile as sf
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
-
-def audio_bytes(
-    seconds: float, rate: int, channels: int, fmt: str = "WAV", subtype: str = "PCM_16", seed: int = 0
-) -> bytes:
-    """A short music-like clip encoded with libsndfile."""
-    from pipeline.demo import synthesize
-
-    samples = synthesize(seconds, rate, channels, tempo_bpm=120, root_hz=220.0, seed=seed)
-    buffer = io.BytesIO()
-    sf.write(buffer, samples, rate, format=fmt, subtype=subtype)
-    return buffer.getvalue()
-
-
-def write_shard(path: Path, members: list[tuple[str, bytes]]) -> Path:
-    """A tar of (name, bytes) members."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tarfile.open(path, "w") as tar:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    return path
-
-
-def read_members(path: Path) -> dict[str, bytes]:
-    with tarfile.open(path) as tar:
-        return {m.name: tar.extractfile(m).read() for m in tar if m.isfile()}
+from tests.factories import audio_bytes, read_members, write_shard  # noqa: F401  (TEMP: until every test imports factories)
 
 
 @pytest.fixture(scope="session")

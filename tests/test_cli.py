@@ -8,10 +8,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import audio_bytes
 
 from jobs.protect_catalog import build_argv
 from pipeline.cli import main
+from tests.factories import audio_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -117,7 +117,7 @@ def test_robustness_job_entrypoint_reads_environment() -> None:
 
 def test_status_and_help_import_no_heavy_library(tmp_path: Path) -> None:
     """`status` and `--help` only read storage: torch, ray and the evaluation libraries stay out."""
-    from tests.conftest import write_shard
+    from tests.factories import write_shard
 
     write_shard(tmp_path / "in" / "s-000.tar", [("k.wav", audio_bytes(0.5, 16000, 1))])
     config = tmp_path / "c.yaml"

@@ -23,9 +23,7 @@ from pipeline.stages import pipeline as P
 from pipeline.stages import rows as R
 from pipeline.stages.read import ReadSettings, read_shard
 from pipeline.stages.write import ShardWriter, WriteSettings, encode_batch
-from tests.conftest import audio_bytes, write_shard
-from tests.test_bad_input import EXTENSIONS, fake_protect
-from tests.test_fault_tolerance import catalog, config_dict, manifest_keys
+from tests.factories import EXTENSIONS, audio_bytes, catalog, config_dict, fake_protect, manifest_keys, write_shard
 
 # ------------------------------------------------------------------ writer state across restarts
 

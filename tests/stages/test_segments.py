@@ -146,7 +146,7 @@ def test_a_failed_segment_fails_the_track_with_its_message(track):
 
 
 def _long_shard(folder, skipped: bool = False):
-    from conftest import audio_bytes, write_shard
+    from tests.factories import audio_bytes, write_shard
 
     extra = [("skipped.wav", audio_bytes(1.5, 16000, 1, "WAV", "PCM_16", seed=7))] if skipped else []
     return write_shard(
@@ -163,10 +163,9 @@ def _long_shard(folder, skipped: bool = False):
 def test_read_stage_splits_and_writer_passes_a_failed_long_track_through(tmp_path):
     """Every segment of the long track fails (as if its actor died): the writer fetches the
     original bytes from the input shard again, so passthrough writes them unchanged."""
-    from conftest import read_members
-
     from pipeline.stages.read import ReadSettings, read_shard
     from pipeline.stages.write import ShardWriter, WriteSettings, encode_batch
+    from tests.factories import read_members
 
     shard = _long_shard(tmp_path / "in")
     settings = ReadSettings(("flac", "wav"), 1 << 30, {}, segment_seconds=5.0, overlap_seconds=0.5)
@@ -192,12 +191,12 @@ def test_read_stage_splits_and_writer_passes_a_failed_long_track_through(tmp_pat
 @pytest.mark.slow
 def test_pipeline_protects_a_long_track_as_segments(tmp_path, ray_session):
     import pyarrow.parquet as pq
-    from conftest import read_members
 
     from pipeline.config import config_from_dict
     from pipeline.core.quality import visqol_selected
     from pipeline.io.audio import decode
     from pipeline.stages.pipeline import run
+    from tests.factories import read_members
 
     shard = _long_shard(tmp_path / "in", skipped=True)
     # ViSQOL on a hash sample of half the items: "long" and "short" are in it, "skipped" is not.

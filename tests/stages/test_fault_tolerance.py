@@ -12,7 +12,6 @@ import sys
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Any
 
 import pyarrow.parquet as pq
 import pytest
@@ -24,43 +23,9 @@ from pipeline.records import ShardStats
 from pipeline.stages import rows as R
 from pipeline.stages.read import ReadSettings, read_shard
 from pipeline.stages.write import SHARD_FAILED, ShardWriter, WriteSettings, encode_batch
-from tests.conftest import audio_bytes, write_shard
-from tests.test_bad_input import EXTENSIONS, fake_protect
+from tests.factories import EXTENSIONS, audio_bytes, catalog, config_dict, fake_protect, manifest_keys, write_shard
 
-REPO = Path(__file__).resolve().parent.parent
-
-
-def catalog(root: Path, shards: int, per_shard: int, seconds: float, bad: bool = False) -> list[str]:
-    """`shards` tars of `per_shard` clips; returns every input key."""
-    keys = []
-    for i in range(shards):
-        members = []
-        for j in range(per_shard):
-            key = f"t{i:02d}-{j}"
-            members += [(f"{key}.wav", audio_bytes(seconds, 16000, 1, seed=10 * i + j)), (f"{key}.json", b"{}")]
-            keys.append(key)
-        if bad and i == 0:
-            members.append(("broken.wav", b"not audio" * 30))
-            keys.append("broken")
-        write_shard(root / f"s-{i:03d}.tar", members)
-    return keys
-
-
-def config_dict(input_url: str, output_url: str, steps: int = 1) -> dict[str, Any]:
-    return {
-        "io": {"input": input_url, "output": output_url},
-        "encoder": {"checkpoint": "random:HTSAT-tiny:0"},
-        "attack": {"steps": steps, "seed": 7},
-        "audio": {"window_seconds": 1.0, "overlap_seconds": 0.25},
-        "runtime": {"progress": True, "tracks_per_call": 2},
-    }
-
-
-def manifest_keys(out: Path) -> Counter:
-    keys: Counter = Counter()
-    for path in sorted(out.glob("*.parquet")):
-        keys.update(pq.read_table(path, columns=["key"]).column("key").to_pylist())
-    return keys
+REPO = Path(__file__).resolve().parents[2]
 
 
 def fingerprint(path: Path) -> tuple[int, str]:

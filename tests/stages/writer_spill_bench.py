@@ -1,9 +1,9 @@
 """Throughput of the durable shard writer (rows of incomplete shards spilled under _tmp/spill/)
 against the old memory-only one, on the demo catalog. Not a test; run it by hand:
 
-    HF_HUB_OFFLINE=1 RAY_AUTH_MODE=disabled .venv/bin/python tests/writer_spill_bench.py /tmp/spill-bench
+    HF_HUB_OFFLINE=1 RAY_AUTH_MODE=disabled .venv/bin/python tests/stages/writer_spill_bench.py /tmp/spill-bench
 
-1. The writer alone (no Ray): the demo's rows, protected by a stand-in (tests/test_bad_input.py's
+1. The writer alone (no Ray): the demo's rows, protected by a stand-in (tests/factories.py's
    fake_protect) and encoded, fed one row per call (every incomplete shard spills after every
    call: the worst case); seconds per shard, durable vs memory-only.
 2. The whole pipeline (`pipeline.stages.pipeline.run`) on the demo catalog with configs/demo.yaml,
@@ -27,7 +27,7 @@ from pipeline.stages.pipeline import run
 from pipeline.stages.read import ReadSettings, read_shard
 from pipeline.stages.write import ShardWriter, WriteSettings, encode_batch
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 ROUNDS = 2  # pipeline runs of each design (alternating order)
 
 
@@ -39,7 +39,7 @@ def _repo_tests_module(name: str) -> Any:
     package = types.ModuleType("tests")
     package.__path__ = [str(REPO / "tests")]
     sys.modules["tests"] = package
-    for module in ("conftest", name):
+    for module in (name,):
         spec = importlib.util.spec_from_file_location(f"tests.{module}", REPO / "tests" / f"{module}.py")
         loaded = importlib.util.module_from_spec(spec)
         sys.modules[f"tests.{module}"] = loaded
@@ -49,7 +49,7 @@ def _repo_tests_module(name: str) -> Any:
 
 def writer_only(catalog: Path, work: Path, durable: bool, repeats: int = 5) -> float:
     """Seconds per shard of ShardWriter fed one row per call."""
-    fake_protect = _repo_tests_module("test_bad_input").fake_protect
+    fake_protect = _repo_tests_module("factories").fake_protect
 
     settings = ReadSettings(("wav", "flac", "ogg", "mp3"), 1 << 30, {})
     shards = []

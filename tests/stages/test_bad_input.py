@@ -6,37 +6,26 @@ one test sends a shard that mixes them through the real Ray pipeline."""
 
 from __future__ import annotations
 
-import io
 import struct
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-import soundfile as sf
 
 from pipeline.config import config_from_dict
 from pipeline.io.shards import SHARD_ERROR_KEY, list_shards
 from pipeline.stages import rows as R
 from pipeline.stages.read import ReadSettings, read_shard
-from pipeline.stages.write import WriteSettings, encode_batch, shard_outputs
-from tests.conftest import audio_bytes, read_members, write_shard
+from tests.factories import EXTENSIONS, audio_bytes, encode_audio, read_members, write_shard, written
 
-EXTENSIONS = ("flac", "wav", "mp3", "ogg", "opus", "oga", "aiff", "aif")
 SETTINGS = ReadSettings(extensions=EXTENSIONS, max_member_bytes=1 << 20, storage_options={})
-
-
-def wav_of(samples: np.ndarray, rate: int, subtype: str = "PCM_16", fmt: str = "WAV") -> bytes:
-    buffer = io.BytesIO()
-    sf.write(buffer, samples, rate, format=fmt, subtype=subtype)
-    return buffer.getvalue()
 
 
 def float_wav_with(value: float) -> bytes:
     x = np.full((8000, 1), 0.1, dtype=np.float32)
     x[100] = value
-    return wav_of(x, 16000, "FLOAT")
+    return encode_audio(x, 16000, subtype="FLOAT")
 
 
 def unsupported_wav_subtype() -> bytes:
@@ -75,7 +64,7 @@ CASES: dict[str, tuple[str, bytes, str, str]] = {
         "decode: not decodable audio",
     ),
     "unsupported_subtype": ("unsupported_subtype.wav", unsupported_wav_subtype(), "error", "decode:"),
-    "silence": ("silence.wav", wav_of(np.zeros((16000, 2), np.float32), 16000), "ok", ""),
+    "silence": ("silence.wav", encode_audio(np.zeros((16000, 2), np.float32), 16000), "ok", ""),
     "six_channels": ("six_channels.flac", audio_bytes(0.5, 16000, 6, "FLAC"), "ok", ""),
     "rate_8k": ("rate_8k.wav", audio_bytes(0.5, 8000, 1), "ok", ""),
     "rate_192k": ("rate_192k.wav", audio_bytes(0.3, 192000, 2, subtype="PCM_24"), "ok", ""),
@@ -190,7 +179,7 @@ def test_thirty_minute_track_reads_as_bounded_segments(tmp_path: Path) -> None:
     segment rows of at most `segment_seconds`, so no actor ever holds the whole track."""
     rate, seconds = 8000, 30 * 60
     t = np.arange(rate * seconds, dtype=np.float32) / rate
-    data = wav_of((0.3 * np.sin(2 * np.pi * 220 * t))[:, None], rate)
+    data = encode_audio((0.3 * np.sin(2 * np.pi * 220 * t))[:, None], rate)
     del t
     settings = ReadSettings(EXTENSIONS, 1 << 30, {}, segment_seconds=60.0, overlap_seconds=1.0)
     rows = read(tmp_path, [("long.wav", data)], settings)
@@ -201,25 +190,6 @@ def test_thirty_minute_track_reads_as_bounded_segments(tmp_path: Path) -> None:
 
 
 # ------------------------------------------------------------------------------ the writer
-
-
-def fake_protect(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """What the protect stage adds, without PGD (δ = 0): stats columns and the encoder id."""
-    out = []
-    for row in rows:
-        row = dict(row)
-        for name in R.STATS:
-            row[name] = 0.0 if row[R.STATUS] == "ok" else float("nan")
-        row[R.ENCODER_ID] = "random:HTSAT-tiny:0"
-        out.append(row)
-    return out
-
-
-def written(rows: list[dict[str, Any]], on_error: str):
-    protected = fake_protect(rows)
-    encoded = R.batch_to_rows(encode_batch(R.rows_to_batch(protected, list(protected[0]))))
-    settings = WriteSettings(output="", storage_options={}, on_error=on_error, config_hash="h", target_delta_e=0.5)
-    return shard_outputs(encoded, settings)
 
 
 MIXED = [
@@ -278,7 +248,7 @@ def test_mixed_bad_shard_through_the_pipeline(tmp_path: Path, ray_session) -> No
 
     good = {
         "music": audio_bytes(1.0, 16000, 1),
-        "silence": wav_of(np.zeros((16000, 1), np.float32), 16000),
+        "silence": encode_audio(np.zeros((16000, 1), np.float32), 16000),
         "surround": audio_bytes(1.0, 8000, 6, "FLAC"),
     }
     bad = {name: data for name, data, status, _ in CASES.values() if status == "error"}

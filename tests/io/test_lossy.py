@@ -31,7 +31,7 @@ from pipeline.io.audio import (
 )
 from pipeline.stages import rows as R
 from pipeline.stages.read import ReadSettings, read_shard
-from tests.conftest import audio_bytes, read_members, write_shard
+from tests.factories import audio_bytes, read_members, write_shard
 
 pytestmark = pytest.mark.skipif(shutil.which("ffmpeg") is None or shutil.which("ffprobe") is None, reason="no ffmpeg")
 

@@ -92,7 +92,7 @@ def test_musicldm_view_matches_its_definition() -> None:
     assert spectrum[int(9000 / 24_000 * spectrum.shape[0]) :].max() < 1e-2 * spectrum.max()  # nothing above 8 kHz
     for name, fn in VIEWS.items():
         if CODEC_VIEW.match(name) and shutil.which("ffmpeg") is None:
-            continue  # codec views run the ffmpeg binary (tests/test_lossy.py covers them with it)
+            continue  # codec views run the ffmpeg binary (tests/io/test_lossy.py covers them with it)
         assert fn(x, torch.Generator().manual_seed(0)).shape == x.shape, name
 
 

@@ -13,7 +13,7 @@ import pytest
 from pipeline.io import output, shards, storage
 from pipeline.io.manifest import commit_shard, merge_stats
 from pipeline.records import ManifestRow, SampleStatus, ShardStats
-from tests.conftest import audio_bytes, write_shard
+from tests.factories import audio_bytes, write_shard
 
 FAST = storage.RetryPolicy(attempts=4, base_delay=0.001, max_delay=0.002)
 

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import io
-
 import numpy as np
 import pytest
-import soundfile as sf
 
 from pipeline.demo import synthesize
 from pipeline.io.audio import AudioDecodeError, decode, encode, output_format_for, quantize_within
+from tests.factories import encode_audio
 
 CASES = [
     ("WAV", "PCM_16", "wav", 44100, 2),
@@ -22,16 +20,10 @@ CASES = [
 ]
 
 
-def _bytes(samples: np.ndarray, rate: int, fmt: str, subtype: str) -> bytes:
-    buffer = io.BytesIO()
-    sf.write(buffer, samples, rate, format=fmt, subtype=subtype)
-    return buffer.getvalue()
-
-
 @pytest.mark.parametrize(("fmt", "subtype", "ext", "rate", "channels"), CASES)
 def test_protected_round_trip_keeps_format_and_bound(fmt, subtype, ext, rate, channels, rng) -> None:
     eps = 0.003
-    clean_bytes = _bytes(synthesize(0.5, rate, channels, 120, 220.0), rate, fmt, subtype)
+    clean_bytes = encode_audio(synthesize(0.5, rate, channels, 120, 220.0), rate, fmt, subtype)
     clean = decode(clean_bytes)
     assert (clean.sample_rate, clean.channels, clean.format, clean.subtype) == (rate, channels, fmt, subtype)
     out = output_format_for(clean.format, clean.subtype, ext)
@@ -46,7 +38,7 @@ def test_protected_round_trip_keeps_format_and_bound(fmt, subtype, ext, rate, ch
 
 
 def test_lossy_input_becomes_flac_within_eps(rng) -> None:
-    clean = decode(_bytes(synthesize(1.0, 22050, 2, 120, 220.0), 22050, "OGG", "VORBIS"))
+    clean = decode(encode_audio(synthesize(1.0, 22050, 2, 120, 220.0), 22050, "OGG", "VORBIS"))
     out = output_format_for(clean.format, clean.subtype, "ogg")
     assert (out.format, out.extension) == ("FLAC", "flac")
     eps = 0.002
@@ -79,6 +71,6 @@ def test_decode_refuses_nan_and_too_short() -> None:
     bad = np.zeros((4000, 1), dtype=np.float32)
     bad[10] = np.nan
     with pytest.raises(AudioDecodeError, match="non-finite"):
-        decode(_bytes(bad, 16000, "WAV", "FLOAT"))
+        decode(encode_audio(bad, 16000, "WAV", "FLOAT"))
     with pytest.raises(AudioDecodeError, match="too short"):
-        decode(_bytes(np.zeros((100, 1), dtype=np.float32), 16000, "WAV", "PCM_16"))
+        decode(encode_audio(np.zeros((100, 1), dtype=np.float32), 16000, "WAV", "PCM_16"))

@@ -212,12 +212,12 @@ def test_driver_endpoint_during_a_real_run_matches_manifests(tmp_path, ray_sessi
     import urllib.request
 
     import pyarrow.parquet as pq
-    from conftest import audio_bytes, write_shard
     from prometheus_client.parser import text_string_to_metric_families
 
     from pipeline.config import config_from_dict
     from pipeline.stages.metrics import DriverMetrics
     from pipeline.stages.pipeline import run
+    from tests.factories import audio_bytes, write_shard
 
     for shard in range(2):
         write_shard(
@@ -230,7 +230,7 @@ def test_driver_endpoint_during_a_real_run_matches_manifests(tmp_path, ray_sessi
             "io": {"input": str(tmp_path / "in"), "output": str(tmp_path / "out")},
             "encoder": {"checkpoint": "random:HTSAT-tiny:0", "device": "cpu"},
             "attack": {"steps": 1, "precision": "fp32"},
-            "quality": {"visqol": "off"},  # not what this test checks (tests/test_visqol.py, test_segments.py)
+            "quality": {"visqol": "off"},  # not what this test checks (tests/core/test_quality.py, test_segments.py)
             "runtime": {"tracks_per_call": 1, "batch_windows": 2, "progress": False},
         }
     )

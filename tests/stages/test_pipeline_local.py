@@ -9,11 +9,11 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from conftest import audio_bytes, read_members, write_shard
 
 from pipeline.config import config_from_dict
 from pipeline.io.audio import decode
 from pipeline.records import MANIFEST_SCHEMA, ShardStats
+from tests.factories import audio_bytes, read_members, write_shard
 
 EPS = 0.003
 

@@ -16,8 +16,7 @@ from pipeline.config import config_from_dict
 from pipeline.io.shards import read_samples
 from pipeline.stages import rows as R
 from pipeline.stages.read import ReadSettings, read_shard
-from tests.conftest import audio_bytes, read_members
-from tests.test_bad_input import EXTENSIONS, written
+from tests.factories import EXTENSIONS, audio_bytes, read_members, written
 
 
 class _CreatesFile:

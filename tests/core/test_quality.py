@@ -108,9 +108,8 @@ def test_visqol_figure_is_the_worst_excerpt(clip):
 
 def _quality_rows(tmp_path):
     """Real read-stage rows, 'protected' by a stand-in (+ small noise), as the quality stage gets them."""
-    from conftest import audio_bytes, write_shard
-
     from pipeline.stages.read import ReadSettings, read_shard
+    from tests.factories import audio_bytes, write_shard
 
     shard = write_shard(
         tmp_path / "s.tar",
