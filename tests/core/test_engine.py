@@ -70,11 +70,25 @@ def test_early_stop_per_window() -> None:
 
 
 def test_keeps_best_delta_seen() -> None:
+    """The δ returned per window is the best of every δ the engine evaluated, not the last one:
+    with a large step Δe swings from step to step, and the result is the maximum seen."""
     x = _x()
-    result = pgd(StubEncoder(256), x, PGDParams(0.02, 0.02, 8, 0.01), generator=torch.Generator().manual_seed(0))
-    stub = StubEncoder(256)
-    every = torch.arange(4)
-    measured = (stub(x + result.delta, every) - stub(x, every)).norm(dim=-1)
+    stub, every = StubEncoder(256), torch.arange(4)
+    clean = stub(x, every)
+    best_seen, last_seen = torch.zeros(4), torch.zeros(4)
+
+    def embed(x_rows: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        out = stub(x_rows, rows)
+        if not torch.equal(x_rows, x[rows]):  # an evaluation of x + δ, not the clean embedding
+            distance = (out - clean[rows]).norm(dim=-1).detach()
+            best_seen[rows] = torch.maximum(best_seen[rows], distance)
+            last_seen[rows] = distance
+        return out
+
+    result = pgd(embed, x, PGDParams(0.02, 0.02, 8, 0.01), generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(result.delta_e, best_seen, atol=1e-5, rtol=1e-5)
+    assert (last_seen < best_seen - 1e-4).any()  # the last δ was worse somewhere: "best" is not "last"
+    measured = (stub(x + result.delta, every) - clean).norm(dim=-1)
     torch.testing.assert_close(measured, result.delta_e, atol=1e-5, rtol=1e-5)
 
 

@@ -82,3 +82,29 @@ def test_precision_resolution_warns_about_emulated_bf16(monkeypatch, caplog) -> 
         assert stage.resolve_precision("bf16", cpu) == "bf16"
         assert stage.resolve_precision("fp32", cpu) == "fp32"
     assert caplog.text == ""
+
+
+@pytest.mark.gpu
+def test_spectral_protection_on_cuda_in_bf16_holds_the_bound() -> None:
+    """The default method on the accelerator in bf16 autocast: the written δ stays inside ε, and the
+    embedding moved, on the GPU and measured again on the CPU (same random weights) on the first 10 s."""
+    import torch
+
+    from pipeline.encoders.load import load_encoder
+
+    encoder = load_encoder("random:HTSAT-tiny:0", device="cuda")
+    params = PGDParams(eps=0.05, alpha=0.0, steps=5, sigma=0.0, precision="bf16")
+    protector = TrackProtector(encoder, params, batch_windows=4, seed=0)
+    track = Track("t", synthesize(12.0, 44_100, 2, 120, 220.0), 44_100, "FLOAT")
+    [result] = protector.protect([track])
+    assert not result.error, result.error
+    assert np.abs(result.samples.astype(np.float64) - track.samples).max() <= 0.05 + 1e-7
+    assert result.delta_e_mean > 0
+    cpu = TrackProtector(load_encoder("random:HTSAT-tiny:0", device="cpu"), params, batch_windows=4)
+    x = torch.from_numpy(np.ascontiguousarray(result.samples[:441_000].T))[None]
+    clean = torch.from_numpy(np.ascontiguousarray(track.samples[:441_000].T))[None]
+    lengths = torch.tensor([441_000])
+    embed = cpu.embed_fn(44_100, lengths, ("clean48k",), random=False)
+    with torch.no_grad():
+        cpu_delta_e = (embed(x, torch.arange(1)) - embed(clean, torch.arange(1))).norm(dim=-1).item()
+    assert cpu_delta_e > 0

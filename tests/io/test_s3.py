@@ -136,12 +136,9 @@ def test_pipeline_reads_and_writes_s3(s3: SeaweedS3, bucket: str, ray_session, c
     again = run(cfg)
     assert again.processed_shards == 0 and again.skipped_shards == 3 and again.all_outputs.shards == 3
 
-
-def test_ray_session_logs_hold_no_secret(s3: SeaweedS3, ray_session) -> None:
-    """Ray's own log files (workers inherit the credentials as environment variables)."""
+    # Ray's own log files, after this run (its workers inherit the credentials as environment variables).
     logs = ray_logs(ray_session)
-    if logs is None:
-        pytest.skip("no local Ray node in this process")
+    assert logs is not None and any(logs.rglob("*.log")), "no local Ray logs to scan"
     for path in logs.rglob("*"):
         if path.is_file() and path.stat().st_size < 50 << 20:
             assert SECRET_KEY.encode() not in path.read_bytes(), path
