@@ -1,6 +1,6 @@
 """Benchmark job: the engine, the Ray Data pipeline and laion-clap's naive loop in one run.
 
-Thin wrapper around :func:`pipeline.bench.main` (same arguments), e.g.::
+Thin wrapper around :func:`pipeline.bench.runner.main` (same arguments), e.g.::
 
     python jobs/benchmark.py --quick
     python jobs/benchmark.py --out docs/benchmarks.md
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import sys
 
-from pipeline.bench import main
+from pipeline.bench.runner import main
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))

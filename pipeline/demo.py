@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import tarfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +27,7 @@ class DemoTrack:
     extension: str  # member extension
     tempo_bpm: float
     root_hz: float  # key of the chord
+    seed: int | None = None  # synthesis seed offset (default: the track's position in its shard)
 
 
 DEMO_CATALOG: tuple[tuple[DemoTrack, ...], ...] = (
@@ -87,12 +89,15 @@ def write_tar(path: Path, members: list[tuple[str, bytes]]) -> None:
             tar.addfile(info, io.BytesIO(data))
 
 
-def write_demo_catalog(folder: str | Path, seed: int = 0) -> list[Path]:
-    """Write DEMO_CATALOG as `shard-00000N.tar` files under `folder`; returns their paths."""
+def write_demo_catalog(
+    folder: str | Path, seed: int = 0, catalog: Sequence[Sequence[DemoTrack]] = DEMO_CATALOG
+) -> list[Path]:
+    """Write `catalog` (default DEMO_CATALOG: one tuple of tracks per shard) as `shard-00000N.tar`
+    files under `folder`; returns their paths."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
-    for shard_index, tracks in enumerate(DEMO_CATALOG):
+    for shard_index, tracks in enumerate(catalog):
         members: list[tuple[str, bytes]] = []
         for number, track in enumerate(tracks):
             samples = synthesize(
@@ -101,7 +106,7 @@ def write_demo_catalog(folder: str | Path, seed: int = 0) -> list[Path]:
                 track.channels,
                 track.tempo_bpm,
                 track.root_hz,
-                seed + number,
+                seed + (number if track.seed is None else track.seed),
             )
             members.append((f"{track.key}.{track.extension}", encode_track(track, samples)))
             meta = {"title": f"Demo {track.key}", "tempo_bpm": track.tempo_bpm, "root_hz": track.root_hz}
