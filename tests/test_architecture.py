@@ -19,6 +19,7 @@ LAYERS = {
     "encoders": 1,
     "demo": 1,
     "core": 2,
+    "api": 3,
     "stages": 3,
     "evaluation": 4,
     "bench": 4,

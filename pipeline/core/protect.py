@@ -109,7 +109,7 @@ class TrackProtector:
     """Holds a frozen encoder and the attack settings; protects lists of tracks.
 
     Defaults are the config's (`perceptual` spectral, `margin_db` −3 dB = attack.strength 3,
-    `passband_hz` 14 kHz); `stages.protect.build_protector(cfg)` builds one from a config.
+    `passband_hz` 14 kHz); `pipeline.api.build_protector(cfg)` builds one from a config.
 
     Example::
 

@@ -11,66 +11,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline.config import STRENGTH_MARGIN_DB, PipelineConfig
-from pipeline.core.engine import PGDParams
-from pipeline.core.protect import Track, TrackProtector
-from pipeline.encoders.load import (
-    LoadedEncoder,
-    emulated_precision_note,
-    load_configured_encoder,
-    native_low_precision,
-)
+from pipeline.api import build_protector
+from pipeline.config import PipelineConfig
+from pipeline.core.protect import Track
 from pipeline.records import SampleStatus, error_kind
 from pipeline.stages import rows as R
 from pipeline.stages.metrics import ActorMetrics
 
 logger = logging.getLogger(__name__)
-
-
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """auto -> bf16 on CUDA, fp32 on CPU (bf16 gradients are noisy at tiny δ; see docs). An explicit
-    bf16/fp16 on a device that only emulates it is kept, with a warning."""
-    if precision == "auto":
-        return "bf16" if device.type == "cuda" and native_low_precision(device) else "fp32"
-    slow = emulated_precision_note(device, precision)
-    if slow:
-        logger.warning("attack.precision=%s: %s. Use attack.precision auto or fp32.", precision, slow)
-    return precision
-
-
-def build_protector(cfg: PipelineConfig, encoders: list[LoadedEncoder] | None = None) -> TrackProtector:
-    """The encoder(s) and attack of `cfg`, ready to protect tracks: the one way a TrackProtector is
-    built from a config (protect actor, bench, frontier, imitation). `encoders` already loaded are
-    used as they are (default: load cfg.encoder.checkpoint and its ensemble)."""
-    enc = cfg.encoder
-    if encoders is None:
-        options = cfg.io.storage.storage_options()
-        encoders = [load_configured_encoder(enc, options, spec) for spec in (enc.checkpoint, *enc.ensemble)]
-    a = cfg.attack
-    params = PGDParams(
-        eps=a.eps,
-        alpha=a.alpha,
-        steps=a.steps,
-        sigma=a.sigma,
-        target_delta_e=a.target_delta_e,
-        precision=resolve_precision(a.precision, encoders[0].device),
-    )
-    return TrackProtector(
-        encoders,
-        params,
-        window_seconds=cfg.audio.window_seconds,
-        overlap_seconds=cfg.audio.overlap_seconds,
-        batch_windows=cfg.runtime.batch_windows,
-        seed=a.seed,
-        perceptual=a.perceptual,
-        eot_views=a.eot_views,
-        measure_musicldm=cfg.quality.musicldm_view,
-        measure_masking=cfg.quality.masking,
-        ensemble=a.ensemble,
-        passband_hz=a.passband_hz,
-        margin_db=STRENGTH_MARGIN_DB[a.strength],
-        lr=a.lr,
-    )
 
 
 class ProtectActor:

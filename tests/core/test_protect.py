@@ -66,7 +66,7 @@ def test_precision_resolution_warns_about_emulated_bf16(monkeypatch, caplog) -> 
 
     import torch
 
-    from pipeline.stages import protect as stage
+    from pipeline import api as stage
 
     cpu = torch.device("cpu")
     monkeypatch.setattr(stage, "native_low_precision", lambda device: False)
