@@ -234,7 +234,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["bench"]:
-        from pipeline.bench import main as bench_main
+        from pipeline.bench.runner import main as bench_main
 
         return bench_main(argv[1:])
     command = next((a for a in argv if not a.startswith("-")), None)
