@@ -60,7 +60,7 @@ class AudioConfig:
 
     window_seconds: float = 10.0  # CLAP's window (laion-clap: 480,000 samples at 48 kHz)
     overlap_seconds: float = 1.0  # crossfade between neighbouring windows
-    extensions: tuple[str, ...] = ("flac", "wav", "mp3", "ogg", "opus", "oga", "aiff", "aif")
+    extensions: tuple[str, ...] = ("flac", "wav", "mp3", "ogg", "opus", "oga", "aiff", "aif", "m4a", "aac")
     max_member_mb: float = 1024.0  # members larger than this are errors, never read into memory
     on_error: str = "passthrough"  # passthrough | drop: keep a failed item's original bytes or not
     # Lossy inputs (MP3, Ogg Vorbis, Opus, AAC) cannot be re-encoded in their codec without noise

@@ -95,3 +95,14 @@ def test_protect_file_command(tmp_path: Path, capsys) -> None:
     (tmp_path / "bad.wav").write_bytes(b"junk" * 50)
     assert main(["protect-file", str(tmp_path / "bad.wav"), str(tmp_path / "c.wav"), *sets]) == 1
     assert "not decodable audio" in capsys.readouterr().err
+
+
+def test_protect_file_m4a_aac_becomes_flac(tmp_path: Path, cfg, protector) -> None:
+    from pipeline.io.audio import ffmpeg_encode
+
+    source = tmp_path / "Artist" / "01 - Title.m4a"
+    source.parent.mkdir()
+    source.write_bytes(ffmpeg_encode(synthesize(2.0, 44_100, 2, 120, 220.0), 44_100, "aac", 128))
+    figures = protect_file(str(source), str(tmp_path / "out" / "01 - Title.m4a"), cfg, protector=protector)
+    assert figures["input_format"] == "AAC/AAC" and figures["output_format"] == "FLAC/PCM_16"
+    assert figures["output"].endswith("01 - Title.flac") and figures["eps_bound_holds"]

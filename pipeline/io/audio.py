@@ -33,7 +33,7 @@ class AudioEncodeError(ValueError):
 # libsndfile's touches the values (it reads with 1/2^(b-1) but writes with 2^(b-1)-1).
 PCM_BITS = {"PCM_S8": 8, "PCM_U8": 8, "PCM_16": 16, "PCM_24": 24, "PCM_32": 32}
 FLOAT_SUBTYPES = {"FLOAT", "DOUBLE"}
-LOSSY_FORMATS = {"MP3", "OGG"}  # re-encoding these would add noise far above ε
+LOSSY_FORMATS = {"MP3", "OGG", "AAC"}  # re-encoding these would add noise far above ε
 LOSSY_FALLBACK = ("FLAC", "PCM_16", "flac")
 LOSSY_POLICIES = ("flac", "same")  # audio.lossy_output
 
@@ -54,11 +54,16 @@ LOSSY_CODECS: dict[str, LossyCodec] = {
     "mp3": LossyCodec("mp3", "libmp3lame", "mp3", ".mp3", 8, 320),
     "vorbis": LossyCodec("vorbis", "libvorbis", "ogg", ".ogg", 32, 500),
     "opus": LossyCodec("opus", "libopus", "ogg", ".opus", 6, 510),
-    "aac": LossyCodec("aac", "aac", "ipod", ".m4a", 8, 512),  # no AAC input decodes (libsndfile): views only
+    "aac": LossyCodec("aac", "aac", "ipod", ".m4a", 8, 512),
 }
 # libsndfile (format, subtype) of a decoded lossy input -> the codec that re-encodes it under `same`.
 # Anything else lossy (MPEG layer I/II, ...) becomes FLAC whatever the policy.
-SAME_CODEC = {("MP3", "MPEG_LAYER_III"): "mp3", ("OGG", "VORBIS"): "vorbis", ("OGG", "OPUS"): "opus"}
+SAME_CODEC = {
+    ("MP3", "MPEG_LAYER_III"): "mp3",
+    ("OGG", "VORBIS"): "vorbis",
+    ("OGG", "OPUS"): "opus",
+    ("AAC", "AAC"): "aac",
+}
 MAX_CODEC_LAG = 4096  # samples searched either way when aligning a lossy output to its input
 FLOAT_LSB = 2.0**-23  # float32 spacing just below 1.0 (×2): the rounding slack of float subtypes
 
@@ -109,7 +114,8 @@ class OutputFormat:
 
 
 def decode(data: bytes, min_seconds: float = 0.1) -> DecodedAudio:
-    """Decode audio bytes (WAV, FLAC, Ogg Vorbis/Opus, MP3, AIFF, ...) at their own rate/channels.
+    """Decode audio bytes (WAV, FLAC, Ogg Vorbis/Opus, MP3, AIFF, ... with libsndfile; AAC in
+    M4A/MP4/ADTS with the ffmpeg binary, which libsndfile cannot read) at their own rate/channels.
 
     Raises:
         AudioDecodeError: empty, undecodable, non-finite, or shorter than `min_seconds`.
@@ -124,7 +130,11 @@ def decode(data: bytes, min_seconds: float = 0.1) -> DecodedAudio:
             samples = f.read(dtype="float32", always_2d=True)
     except (sf.LibsndfileError, RuntimeError, TypeError, ValueError) as exc:
         reason = exc.error_string if isinstance(exc, sf.LibsndfileError) else str(exc)  # no object addresses
-        raise AudioDecodeError(f"not decodable audio ({reason})") from exc
+        aac = _decode_aac(data)  # probed, not guessed from a name: None unless ffprobe finds AAC
+        if aac is None:
+            raise AudioDecodeError(f"not decodable audio ({reason})") from exc
+        fmt, subtype, rate, samples = "AAC", "AAC", aac[0], aac[1]
+        truncated = None
     if truncated:
         raise AudioDecodeError("truncated: data chunk shorter than its header declares")
     if rate <= 0:
@@ -137,6 +147,34 @@ def decode(data: bytes, min_seconds: float = 0.1) -> DecodedAudio:
         # Lossy decoders overshoot full scale; any PCM writer would clip there anyway.
         np.clip(samples, -1.0, 1.0, out=samples)
     return DecodedAudio(np.ascontiguousarray(samples), rate, fmt, subtype)
+
+
+def _decode_aac(data: bytes) -> tuple[int, np.ndarray] | None:
+    """(rate, float32 [samples, channels]) of AAC bytes (M4A/MP4, ADTS) decoded by ffmpeg at their
+    own rate and channels; None when ffprobe finds no AAC stream or ffmpeg is missing. The bytes go
+    to a temporary file, not a pipe: an M4A whose index (moov) follows the audio needs seeking."""
+    if shutil.which("ffprobe") is None or shutil.which("ffmpeg") is None:
+        return None
+    with tempfile.TemporaryDirectory(prefix="unlearnable-decode-") as tmp:
+        path = os.path.join(tmp, "in")
+        with open(path, "wb") as f:
+            f.write(data)
+        try:
+            probe_args = ["-v", "error", "-select_streams", "a:0", "-show_entries"]
+            probe_args += ["stream=codec_name,sample_rate,channels", "-of", "json", path]
+            streams = json.loads(_run_ffmpeg("ffprobe", probe_args, b"", 30.0) or b"{}").get("streams") or []
+            if not streams or streams[0].get("codec_name") != "aac":
+                return None
+            rate, channels = int(streams[0]["sample_rate"]), int(streams[0]["channels"])
+            args = ["-hide_banner", "-nostats", "-loglevel", "error", "-nostdin", "-i", path, "-map", "0:a:0"]
+            args += ["-f", "f32le", "-ac", str(channels), "-ar", str(rate), "pipe:1"]
+            raw = _run_ffmpeg("ffmpeg", args, b"", ffmpeg_timeout(len(data) / 2000.0))
+        except (AudioEncodeError, ValueError, KeyError):
+            return None
+    if rate <= 0 or channels <= 0:
+        return None
+    samples = np.frombuffer(raw, dtype="<f4")
+    return rate, samples[: len(samples) // channels * channels].reshape(-1, channels).copy()
 
 
 def output_format_for(

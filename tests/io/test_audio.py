@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+
 import numpy as np
 import pytest
 
@@ -74,3 +76,22 @@ def test_decode_refuses_nan_and_too_short() -> None:
         decode(encode_audio(bad, 16000, "WAV", "FLOAT"))
     with pytest.raises(AudioDecodeError, match="too short"):
         decode(encode_audio(np.zeros((100, 1), dtype=np.float32), 16000, "WAV", "PCM_16"))
+
+
+@pytest.mark.skipif(shutil.which("ffmpeg") is None, reason="needs the ffmpeg binary")
+def test_aac_in_m4a_decodes_through_ffmpeg_and_is_written_as_flac() -> None:
+    """libsndfile cannot read AAC: the bytes are probed (not guessed from a name) and decoded by
+    ffmpeg at their own rate and channels; the output format is FLAC (or AAC again under `same`)."""
+    from pipeline.io.audio import codec_lag, ffmpeg_encode
+
+    clean = synthesize(2.0, 44_100, 2, 120, 220.0)
+    decoded = decode(ffmpeg_encode(clean, 44_100, "aac", 128))
+    assert (decoded.format, decoded.subtype, decoded.sample_rate, decoded.channels) == ("AAC", "AAC", 44_100, 2)
+    assert 88_200 <= decoded.samples.shape[0] <= 88_200 + 4096  # encoder priming and padding at most
+    lag = codec_lag(clean, decoded.samples)  # the encoder's priming samples, if the decoder kept them
+    aligned = decoded.samples[max(lag, 0) :][:80_000, 0]
+    assert np.corrcoef(aligned, clean[max(-lag, 0) :][: len(aligned), 0])[0, 1] > 0.95  # the same music
+    assert output_format_for("AAC", "AAC", "m4a").label == "FLAC/PCM_16"
+    assert output_format_for("AAC", "AAC", "m4a", "same", 128).label == "AAC/AAC@128kbps"
+    with pytest.raises(AudioDecodeError, match="not decodable audio"):
+        decode(b"\x00\x00\x00\x18ftypM4A " + b"\x00" * 400)  # an M4A header with no audio
