@@ -18,8 +18,9 @@
    (``ensemble``).
 
 ``common`` holds what the sections share (timing, the synthetic clip, /proc memory, the CPU
-contention meter), ``results`` the rows, settings and report, ``render`` the Markdown, ``runner``
-the command line (entry point :func:`pipeline.bench.runner.main`).
+contention meter), ``results`` the rows, settings and report, ``render`` the Markdown tables,
+``page`` the docs/benchmarks.md page around them, ``runner`` the command line (entry point
+:func:`pipeline.bench.runner.main`; ``python -m pipeline.bench`` runs it).
 
 Early stop is disabled (target_delta_e = inf) so every window runs exactly the stated steps. Times
 are medians of ``--repeats`` runs after ``--warmup`` runs. Ratios (speedup, efficiency, memory) are

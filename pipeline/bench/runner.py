@@ -32,7 +32,8 @@ from pipeline.bench.common import (
 from pipeline.bench.engine import bench_engine
 from pipeline.bench.ensemble import bench_ensemble, ensemble_child
 from pipeline.bench.gpu import bench_gpu
-from pipeline.bench.render import render_markdown, render_tables
+from pipeline.bench.page import render_markdown
+from pipeline.bench.render import render_tables
 from pipeline.bench.results import BenchReport, BenchSettings
 from pipeline.encoders.base import set_hub_offline
 from pipeline.encoders.load import emulated_precision_note, pick_device

@@ -23,8 +23,9 @@ from pipeline.bench.common import GPU_MODES, GPU_NOT_AVAILABLE, TRACK_RATE, WIND
 from pipeline.bench.engine import bench_engine
 from pipeline.bench.gpu import gpu_embed
 from pipeline.bench.memory import bench_memory
+from pipeline.bench.page import render_markdown
 from pipeline.bench.pipeline import actor_threads, choose_pipeline_batch, measurement_forwards, pipeline_config
-from pipeline.bench.render import render_contention, render_markdown, render_memory, render_tables
+from pipeline.bench.render import render_contention, render_memory, render_tables
 from pipeline.bench.results import (
     BaselineResult,
     BenchReport,
