@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import sys
 import tempfile
 from pathlib import Path
 
@@ -20,7 +19,7 @@ from pipeline.demo import DemoTrack, write_demo_catalog
 from pipeline.encoders.load import LoadedEncoder, load_encoder
 from pipeline.io.output import OutputFolder
 from pipeline.records import ShardStats
-from pipeline.stages.pipeline import init_ray, run
+from pipeline.stages.pipeline import init_ray, ray_running, run, shutdown_ray
 
 
 def write_catalog(folder: Path, tracks: int, per_shard: int, seed: int = 0) -> list[Path]:
@@ -170,7 +169,7 @@ def run_pipelines(settings: BenchSettings, report: BenchReport, device: str) -> 
     thread count, same batch/precision/steps), then the pipeline run it is compared with."""
     batch = choose_pipeline_batch(settings)
     placements = ["dedicated"] if device.startswith("cuda") else settings.pipeline_placements
-    started_ray = not _ray_running()
+    started_ray = not ray_running()
     own_threads = torch.get_num_threads()
     results = []
     try:
@@ -186,8 +185,8 @@ def run_pipelines(settings: BenchSettings, report: BenchReport, device: str) -> 
                 del encoder
     finally:
         torch.set_num_threads(own_threads)
-        if started_ray and _ray_running():
-            sys.modules["ray"].shutdown()
+        if started_ray:
+            shutdown_ray()
     return results
 
 
@@ -225,10 +224,3 @@ def _pipeline_case(
     result.extra_forward_seconds = forward[0].seconds_per_window
     shutil.rmtree(output_dir, ignore_errors=True)
     return result
-
-
-def _ray_running() -> bool:
-    """Whether Ray is up in this process. Only stages/ imports ray (docs/architecture.md): until
-    stages offers a way to ask and to shut down, bench reads the module stages has imported."""
-    ray = sys.modules.get("ray")
-    return ray is not None and ray.is_initialized()

@@ -79,6 +79,18 @@ def init_ray(cfg: PipelineConfig) -> None:
         )
 
 
+def ray_running() -> bool:
+    """Whether Ray is initialised in this process (without importing it when it is not loaded)."""
+    ray = sys.modules.get("ray")
+    return ray is not None and ray.is_initialized()
+
+
+def shutdown_ray() -> None:
+    """Shut down the Ray this process started or joined (no-op when none)."""
+    if ray_running():
+        sys.modules["ray"].shutdown()
+
+
 class Progress:
     """Prints one line per committed shard: shards done / total, items, Δe so far, ETA."""
 
