@@ -14,7 +14,7 @@ pytestmark = pytest.mark.skipif(
     reason="diffusers is not installed (pip install 'diffusers==0.42.1'); the imitation test needs it",
 )
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TINY = [
     "encoder.device=cpu",
     "catalog.styles=2",
