@@ -10,29 +10,16 @@ reported too (`delta_e_attack_on_clean`): how far the attack alone moves the emb
 from __future__ import annotations
 
 import argparse
-import random
-import shutil
-import subprocess
 import sys
-import tempfile
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
-import soundfile as sf
-import torch
-import yaml
 
-from pipeline.config import PipelineConfig, config_from_dict, load_config
-from pipeline.core.views import musicldm
-from pipeline.encoders.base import ClapView
-from pipeline.encoders.load import load_configured_encoder
-from pipeline.io.audio import decode
-from pipeline.io.output import OutputFolder
-from pipeline.io.shards import read_samples
+from pipeline.config import PipelineConfig
+from pipeline.evaluation.common import Embedder, run_config, sample_pairs, write_outputs
+from pipeline.evaluation.extra import require
+from pipeline.io.audio import AudioEncodeError, codec_round_trip, decode
 
 Attack = Callable[[np.ndarray, int], np.ndarray]  # [samples, channels] at rate -> same shape
 
@@ -41,27 +28,13 @@ class AttackError(RuntimeError):
     """An attack could not run (e.g. ffmpeg missing or refusing the input)."""
 
 
-def ffmpeg_round_trip(samples: np.ndarray, rate: int, codec_args: list[str], suffix: str) -> np.ndarray:
-    """Encode with ffmpeg (a real encoder), decode back to float32 at the same rate, channels and
-    length. Temp files, not pipes: containers then carry encoder delay, so decoding is gapless."""
-    binary = shutil.which("ffmpeg")
-    if binary is None:
-        raise AttackError("ffmpeg not found (apt-get install ffmpeg)")
-    with tempfile.TemporaryDirectory() as tmp:
-        source, coded, back = Path(tmp) / "in.wav", Path(tmp) / f"coded{suffix}", Path(tmp) / "out.wav"
-        sf.write(source, samples, rate, subtype="FLOAT")
-        for args in (
-            [binary, "-v", "error", "-y", "-i", str(source), *codec_args, str(coded)],
-            [binary, "-v", "error", "-y", "-i", str(coded), "-ar", str(rate), "-c:a", "pcm_f32le", str(back)],
-        ):
-            done = subprocess.run(args, capture_output=True, text=True, check=False)
-            if done.returncode != 0:
-                raise AttackError(f"ffmpeg failed: {done.stderr.strip()[-300:]}")
-        decoded, _ = sf.read(back, dtype="float32", always_2d=True)
-    out = np.zeros_like(samples)
-    n = min(len(decoded), len(samples))
-    out[:n] = decoded[:n, : samples.shape[1]]
-    return out
+def ffmpeg_round_trip(samples: np.ndarray, rate: int, codec: str, kbps: int) -> np.ndarray:
+    """Encode with a real ffmpeg encoder and decode back (pipeline.io.audio.codec_round_trip, with
+    its timeout): float32 of the input's shape. AttackError when ffmpeg is missing or fails."""
+    try:
+        return codec_round_trip(samples, rate, codec, kbps)
+    except AudioEncodeError as exc:
+        raise AttackError(str(exc)) from exc
 
 
 def resample_round_trip(samples: np.ndarray, rate: int, via: int) -> np.ndarray:
@@ -76,7 +49,8 @@ def resample_round_trip(samples: np.ndarray, rate: int, via: int) -> np.ndarray:
 
 
 def lowpass(samples: np.ndarray, rate: int, cutoff_hz: float = 8000.0) -> np.ndarray:
-    from scipy.signal import butter, sosfiltfilt
+    signal = require("scipy.signal", "unlearnable robustness")
+    butter, sosfiltfilt = signal.butter, signal.sosfiltfilt
 
     if cutoff_hz >= rate / 2:
         return samples
@@ -91,13 +65,13 @@ def white_noise(samples: np.ndarray, rate: int, snr_db: float = 40.0, seed: int 
 
 
 ATTACKS: dict[str, Attack] = {
-    "mp3_128": lambda x, r: ffmpeg_round_trip(x, r, ["-c:a", "libmp3lame", "-b:a", "128k"], ".mp3"),
-    "mp3_192": lambda x, r: ffmpeg_round_trip(x, r, ["-c:a", "libmp3lame", "-b:a", "192k"], ".mp3"),
-    "mp3_320": lambda x, r: ffmpeg_round_trip(x, r, ["-c:a", "libmp3lame", "-b:a", "320k"], ".mp3"),
-    "aac_128": lambda x, r: ffmpeg_round_trip(x, r, ["-c:a", "aac", "-b:a", "128k"], ".m4a"),
+    "mp3_128": lambda x, r: ffmpeg_round_trip(x, r, "mp3", 128),
+    "mp3_192": lambda x, r: ffmpeg_round_trip(x, r, "mp3", 192),
+    "mp3_320": lambda x, r: ffmpeg_round_trip(x, r, "mp3", 320),
+    "aac_128": lambda x, r: ffmpeg_round_trip(x, r, "aac", 128),
     "opus_96": lambda x, r: ffmpeg_round_trip(
-        x, r, ["-c:a", "libopus", "-b:a", "96k", "-ar", "48000"], ".opus"
-    ),  # opus runs at 48 kHz; decoding resamples back
+        x, r, "opus", 96
+    ),  # ffmpeg encodes opus at 48 kHz; decoding resamples back
     "resample_44k": lambda x, r: resample_round_trip(x, r, 44_100),
     "resample_22k": lambda x, r: resample_round_trip(x, r, 22_050),
     "resample_16k": lambda x, r: resample_round_trip(x, r, 16_000),
@@ -117,49 +91,6 @@ class RobustnessRow:
     retained: float  # after / before
     delta_e_attack_on_clean: float  # Δe(clean, attacked clean): the attack's own effect
     error: str = ""
-
-
-class Embedder:
-    """CLAP embedding of the first 10 s window of a track, with an optional 48 kHz view."""
-
-    def __init__(self, cfg: PipelineConfig, spec: str | None = None):
-        self.encoder = load_configured_encoder(cfg.encoder, cfg.io.storage.storage_options(), spec)
-
-    @torch.no_grad()
-    def __call__(self, samples: np.ndarray, rate: int, musicldm_view: bool = False) -> torch.Tensor:
-        window = samples[: round(10.0 * rate)]
-        x = torch.from_numpy(np.ascontiguousarray(window.T))[None].to(self.encoder.device)
-        clap_input = ClapView(rate).to(self.encoder.device)(x, torch.tensor([window.shape[0]], device=x.device))
-        if musicldm_view:
-            clap_input = musicldm(clap_input)
-        return self.encoder.model(clap_input)[0].float().cpu()
-
-
-def sample_pairs(protected_url: str, clean_url: str, storage_options: dict, count: int, seed: int):
-    """Up to `count` (shard_id, key, clean bytes, protected bytes) of ok items, sampled by seed;
-    `clean_url` is the folder of the input shards (same shard names as the outputs)."""
-    out = OutputFolder(protected_url, storage_options)
-    candidates: list[tuple[str, str, str, str]] = []
-    for shard_id in sorted(out.completed()):
-        with out.fs.open(out.key(f"{shard_id}.parquet"), "rb") as f:
-            table = pq.read_table(f, columns=["key", "status", "input_member", "output_member"])
-        for row in table.to_pylist():
-            if row["status"] == "ok":
-                candidates.append((shard_id, row["key"], row["input_member"], row["output_member"]))
-    random.Random(seed).shuffle(candidates)
-    chosen = candidates[:count]
-    by_shard: dict[str, list[tuple[str, str, str]]] = {}
-    for shard_id, key, input_member, output_member in chosen:
-        by_shard.setdefault(shard_id, []).append((key, input_member, output_member))
-    clean_root = clean_url.rstrip("/")
-    for shard_id, items in sorted(by_shard.items()):
-        clean_samples, _ = read_samples(f"{clean_root}/{shard_id}.tar", storage_options)
-        prot_samples, _ = read_samples(out.url + f"/{shard_id}.tar", storage_options)
-        clean_members = {n: d for s in clean_samples for n, d in zip(s.names, s.data)}
-        prot_members = {n: d for s in prot_samples for n, d in zip(s.names, s.data)}
-        for key, input_member, output_member in items:
-            if input_member in clean_members and output_member in prot_members:
-                yield shard_id, key, clean_members[input_member], prot_members[output_member]
 
 
 def evaluate(
@@ -222,29 +153,6 @@ def summary_table(rows: list[RobustnessRow], target: float) -> str:
     if rows:
         lines.insert(0, f"Δe before attacks (median): {np.median([r.delta_e_before for r in rows]):.3f}\n")
     return "\n".join(lines)
-
-
-def write_outputs(rows: list[dict], out_dir: str, storage_options: dict, table: str, stem: str) -> None:
-    """`<stem>.parquet` (one row per dict) and `<stem>.md` under `out_dir` (local or s3://)."""
-    folder = OutputFolder(out_dir, storage_options)
-    folder.ensure()
-    buffer = pa.BufferOutputStream()
-    pq.write_table(pa.Table.from_pylist(rows), buffer)
-    folder.write_atomic(f"{stem}.parquet", buffer.getvalue().to_pybytes())
-    folder.write_atomic(f"{stem}.md", (table + "\n").encode())
-
-
-def run_config(args: argparse.Namespace, output_url: str) -> PipelineConfig:
-    """--config if given, else the run's saved `<output>/_config.yaml`; then --set overrides."""
-    overrides = list(args.set or [])
-    if args.config:
-        return load_config(args.config, overrides)
-    saved = OutputFolder(output_url)
-    try:
-        data = yaml.safe_load(saved.read_text("_config.yaml"))
-    except FileNotFoundError:
-        data = {}
-    return config_from_dict(data or {}, overrides)
 
 
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:

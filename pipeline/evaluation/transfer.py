@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import pyarrow.parquet as pq
 
-from pipeline.evaluation.robustness import Embedder, run_config, sample_pairs, write_outputs
+from pipeline.evaluation.common import Embedder, run_config, sample_pairs, write_outputs
 from pipeline.io.audio import decode
 from pipeline.io.output import OutputFolder
 
