@@ -120,3 +120,19 @@ def test_imitate_end_to_end(tmp_path, capsys):
     assert main(argv) == 0
     again = json.loads((out / "summary.json").read_text())
     assert again["loss_end"] == summary["loss_end"]
+
+
+def test_attack_and_encoder_sections_are_the_jobs() -> None:
+    """The imitation config's encoder/attack sections carry the job's keys; the protector's config
+    is the job's PipelineConfig with this test's attack defaults and no extra statistics."""
+    from pipeline.config import AttackConfig, EncoderConfig
+    from pipeline.evaluation.imitation import load_imitation_config
+
+    cfg = load_imitation_config(None, ["attack.strength=2", "encoder.held_out=random:HTSAT-tiny:5"])
+    assert isinstance(cfg.attack, AttackConfig) and isinstance(cfg.encoder, EncoderConfig)
+    job = cfg.attack.protect_config(cfg.encoder)
+    assert type(job.attack) is AttackConfig and type(job.encoder) is EncoderConfig
+    assert (job.attack.eps, job.attack.steps, job.attack.strength, job.attack.precision) == (0.003, 12, 2, "fp32")
+    assert job.runtime.batch_windows == cfg.attack.batch_windows == 8
+    assert not job.quality.musicldm_view and not job.quality.masking
+    assert job.encoder.checkpoint == cfg.encoder.checkpoint and cfg.encoder.held_out == "random:HTSAT-tiny:5"
