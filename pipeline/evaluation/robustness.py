@@ -69,9 +69,9 @@ ATTACKS: dict[str, Attack] = {
     "mp3_192": lambda x, r: ffmpeg_round_trip(x, r, "mp3", 192),
     "mp3_320": lambda x, r: ffmpeg_round_trip(x, r, "mp3", 320),
     "aac_128": lambda x, r: ffmpeg_round_trip(x, r, "aac", 128),
-    "opus_96": lambda x, r: ffmpeg_round_trip(
-        x, r, "opus", 96
-    ),  # ffmpeg encodes opus at 48 kHz; decoding resamples back
+    # libopus runs at 8/12/16/24/48 kHz: ffmpeg encodes at the supported rate nearest the input's
+    # (48 kHz for 44.1 kHz), decoding resamples back.
+    "opus_96": lambda x, r: ffmpeg_round_trip(x, r, "opus", 96),
     "resample_44k": lambda x, r: resample_round_trip(x, r, 44_100),
     "resample_22k": lambda x, r: resample_round_trip(x, r, 22_050),
     "resample_16k": lambda x, r: resample_round_trip(x, r, 16_000),
