@@ -2,8 +2,8 @@
 
 Protect path: `protect` (a catalog of WebDataset shards), `protect-file` (one file, no Ray),
 `status` (complete / pending shards of a run), `demo` (a synthetic catalog, protected with a
-random encoder), `embed` (CLAP embedding of a file). Evaluation (the `[eval]` extra for report,
-imitate, frontier): `robustness`, `transfer`, `imitate`, `frontier`, `report`; `bench`
+random encoder), `embed` (CLAP embedding of a file). Evaluation (with the `[eval]` extra):
+`robustness`, `transfer`, `imitate`, `frontier`, `report`; `bench`
 benchmarks. Wiring only: arguments -> config -> stages; each command imports its heavy libraries
 when it runs, so `status` and `--help` start fast."""
 
@@ -34,6 +34,7 @@ USER_ERRORS = (
     ("pipeline.api", "ProtectError"),
     ("pipeline.evaluation.report", "ReportError"),
     ("pipeline.evaluation.robustness", "AttackError"),
+    ("pipeline.evaluation.extra", "EvalExtraMissing"),
 )
 
 PACKAGE_ROOT = Path(__file__).resolve().parent

@@ -11,8 +11,6 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
-from tests.factories import audio_bytes, read_members, write_shard  # noqa: F401  (TEMP: until every test imports factories)
-
 
 @pytest.fixture(scope="session")
 def tiny_encoder():

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-from conftest import audio_bytes, write_shard
 
 from pipeline.config import config_from_dict
+from tests.factories import audio_bytes, write_shard
 
 SHARDS, PER_SHARD = 50, 20
 

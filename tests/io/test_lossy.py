@@ -179,7 +179,7 @@ def _run(tmp_path: Path, policy: str, **attack) -> tuple[dict, dict[str, bytes]]
 
 @pytest.mark.slow
 def test_mp3_member_round_trips_under_both_policies(tmp_path: Path, ray_session) -> None:
-    from pipeline.evaluation.robustness import Embedder
+    from pipeline.evaluation.common import Embedder
 
     mp3 = mp3_input(1.5)
     wav = audio_bytes(1.0, RATE, 2, seed=2)  # batches with the MP3 (same rate × channels)
