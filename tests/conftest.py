@@ -10,6 +10,13 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+# The Ray workers inherit the driver's environment when the session's Ray starts (in whichever test
+# module first needs it): the test S3 server's credentials (tests/s3_server.py) are set before any.
+from tests.s3_server import ACCESS_KEY, SECRET_KEY
+
+os.environ["AWS_ACCESS_KEY_ID"] = ACCESS_KEY
+os.environ["AWS_SECRET_ACCESS_KEY"] = SECRET_KEY
+os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
 
 
 @pytest.fixture(scope="session")

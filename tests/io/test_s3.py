@@ -24,12 +24,6 @@ from pipeline.io import storage as io_storage
 from tests.factories import audio_bytes
 from tests.s3_server import ACCESS_KEY, SECRET_KEY, SeaweedS3, weed_binary
 
-# The Ray workers inherit the driver's environment when Ray starts, and the session's Ray may start
-# in another test module: set the test server's credentials at collection time, before any test.
-os.environ["AWS_ACCESS_KEY_ID"] = ACCESS_KEY
-os.environ["AWS_SECRET_ACCESS_KEY"] = SECRET_KEY
-os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
-
 REPO = Path(__file__).resolve().parents[2]
 
 

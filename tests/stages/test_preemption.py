@@ -337,15 +337,36 @@ def _pids(title: str) -> list[int]:
     return found
 
 
-def _run_with_kills(tmp_path: Path, title: str, kills: int, durable: bool = True):
+def _run_with_kills(
+    tmp_path: Path,
+    title: str,
+    kills: int,
+    durable: bool = True,
+    at_once: bool = False,
+    s3: tuple[Any, dict[str, Any], str] | None = None,
+):
     """A run of 4 shards × 5 keys, one track per call, 64 KiB blocks (every shard reaches the
     writer in several blocks); SIGKILL the first process titled `title` `kills` times, each 4 s
-    after another shard committed (so that the writer holds partial shards)."""
+    after another shard committed (so that the writer holds partial shards), or with `at_once`
+    as soon as such a process is seen (a read task lives for a moment only). With `s3` =
+    (server, storage settings, bucket prefix) input and output live on that S3 server."""
     import ray
 
     keys = catalog(tmp_path / "in", shards=4, per_shard=5, seconds=1.0)
     out = tmp_path / "out"
     d = config_dict(str(tmp_path / "in"), str(out), steps=1)
+    count_markers = lambda: len(list(out.glob("*.stats.json")))  # noqa: E731
+    if s3 is not None:
+        server, storage, prefix = s3
+        fs = server.filesystem()
+        for shard in sorted((tmp_path / "in").glob("*.tar")):
+            fs.put(str(shard), f"{prefix}/in/{shard.name}")
+        d["io"] = {"input": f"s3://{prefix}/in/", "output": f"s3://{prefix}/out", "storage": storage}
+
+        def count_markers() -> int:
+            fs.invalidate_cache()
+            return len([p for p in fs.find(f"{prefix}/out") if p.endswith(".stats.json")])
+
     d["runtime"]["tracks_per_call"] = 1
     ctx = ray.data.DataContext.get_current()
     old_block = ctx.target_max_block_size
@@ -364,7 +385,15 @@ def _run_with_kills(tmp_path: Path, title: str, kills: int, durable: bool = True
     try:
         deadline = time.monotonic() + 400
         while thread.is_alive() and killed < kills and time.monotonic() < deadline:
-            markers = len(list(out.glob("*.stats.json")))
+            if at_once:
+                pids = _pids(title)
+                if pids:
+                    os.kill(pids[0], signal.SIGKILL)
+                    killed += 1
+                    time.sleep(1.0)  # the next kill hits another attempt, not the same dying process
+                time.sleep(0.01)
+                continue
+            markers = count_markers()
             if markers > killed:
                 since.setdefault(markers, time.monotonic())
                 pids = _pids(title)
@@ -409,6 +438,17 @@ def test_sigkill_of_a_protect_actor_loses_nothing(tmp_path: Path, ray_session) -
     assert summary.failed_shards == []
     assert manifest_keys(out) == Counter(keys)
     assert not (out / TMP_DIR).exists()
+
+
+@pytest.mark.slow
+def test_sigkill_of_a_read_task_loses_nothing(tmp_path: Path, ray_session) -> None:
+    """The worker running a read task (flat_map read_shard) dies mid-read: Ray Data retries the
+    task, and every key is still written exactly once."""
+    keys, out, summary, killed = _run_with_kills(tmp_path, "ray::FlatMap(read_shard)", kills=2, at_once=True)
+    assert killed >= 1
+    assert summary.failed_shards == []
+    assert manifest_keys(out) == Counter(keys)
+    assert not (out / TMP_DIR).exists() and not (out / LEASE_NAME).exists()
 
 
 # ------------------------------------------------------------------ the same on a real S3 server
@@ -467,3 +507,38 @@ def test_lease_spill_and_fingerprint_on_s3(s3_store, tmp_path: Path) -> None:
     server.filesystem().put(str(tmp_path / "in" / "s-000.tar"), "lease/in/s-000.tar")
     found = input_fingerprint("s3://lease/in/s-000.tar", options)
     assert found["size"] == (tmp_path / "in" / "s-000.tar").stat().st_size and found["etag"]
+
+
+def _s3_manifest_keys(fs: Any, prefix: str) -> Counter:
+    import pyarrow.parquet as pq
+
+    fs.invalidate_cache()
+    keys: Counter = Counter()
+    for path in sorted(p for p in fs.find(prefix) if p.endswith(".parquet")):
+        with fs.open(path, "rb") as f:
+            keys.update(pq.read_table(f, columns=["key"]).column("key").to_pylist())
+    return keys
+
+
+def _s3_storage(server: Any) -> dict[str, Any]:
+    return {"endpoint_url": server.endpoint_url, "addressing_style": "path", "region": "us-east-1"}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("title", "kills"),
+    [("MapWorker(MapBatches(ShardWriter))", 2), ("MapWorker(MapBatches(ProtectActor))", 1)],
+    ids=["shard-writer", "protect-actor"],
+)
+def test_sigkill_on_s3_loses_nothing(s3_store, tmp_path: Path, ray_session, title: str, kills: int) -> None:
+    """The writer (multi-block shards, spill on S3) or a protect actor killed while input and output
+    are on SeaweedFS: every key exactly once, no temp object, no lease left."""
+    server, _ = s3_store
+    prefix = f"lease/kill-{title[22:28].lower()}"
+    keys, _, summary, killed = _run_with_kills(tmp_path, title, kills, s3=(server, _s3_storage(server), prefix))
+    assert killed == kills
+    assert summary.failed_shards == []
+    fs = server.filesystem()
+    assert _s3_manifest_keys(fs, f"{prefix}/out") == Counter(keys)
+    left = [p for p in fs.find(f"{prefix}/out") if "/_tmp/" in p or p.endswith(LEASE_NAME)]
+    assert left == []

@@ -3,6 +3,11 @@ gradient step: δ₀ is scored and written; what is soaked is the streaming, bat
 not the optimiser, which the engine tests cover). Every key is accounted for, and neither the
 driver's nor the protect actor's memory keeps growing across the run. Prints items/s and peak RSS.
 
+Preemption round: mid-run the protect actor is SIGKILLed once (after 10 shards committed) and the
+shard writer once (after 25); Ray restarts them, and still every key is written exactly once with
+no failed shard. The actor's memory samples then come from its successor (a fresh process, so a
+restart can only lower them: the growth bound still catches a leak).
+
 Marked `soak`, not `slow`: it needs ~15 minutes of an otherwise idle 2-core machine; `.ci/run` runs
 it last (`pytest -m soak -s`)."""
 
@@ -10,6 +15,9 @@ from __future__ import annotations
 
 import os
 import resource
+import signal
+import threading
+import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -29,17 +37,34 @@ def _rss_mib(pid: int) -> float:
     return 0.0
 
 
-def _actor_pids() -> list[int]:
+def _actor_pids(title: bytes = b"ProtectActor") -> list[int]:
     pids = []
     for entry in os.listdir("/proc"):
         if entry.isdigit():
             try:
                 with open(f"/proc/{entry}/cmdline", "rb") as f:
-                    if b"ProtectActor" in f.read():
+                    if title in f.read():
                         pids.append(int(entry))
             except OSError:
                 continue
     return pids
+
+
+def _preempt(out, done: threading.Event, killed: list[str]) -> None:
+    """SIGKILL the protect actor after 10 committed shards and the shard writer after 25."""
+    plan = [
+        (10, b"MapWorker(MapBatches(ProtectActor))", "protect actor"),
+        (25, b"MapWorker(MapBatches(ShardWriter))", "writer"),
+    ]
+    while plan and not done.is_set():
+        markers = len(list(out.glob("*.stats.json"))) if out.exists() else 0
+        at, title, name = plan[0]
+        pids = _actor_pids(title) if markers >= at else []
+        if pids:
+            os.kill(pids[0], signal.SIGKILL)
+            killed.append(f"{name} at {markers} shards")
+            plan.pop(0)
+        time.sleep(0.2)
 
 
 @pytest.mark.soak
@@ -66,12 +91,20 @@ def test_soak_thousand_items(tmp_path: Path, ray_session) -> None:
         actors = _actor_pids()
         samples.append((len(samples) + 1, _rss_mib(os.getpid()), max((_rss_mib(p) for p in actors), default=0.0)))
 
-    summary = run(cfg, on_summary=sample)
+    done, killed = threading.Event(), []
+    killer = threading.Thread(target=_preempt, args=(tmp_path / "out", done, killed))
+    killer.start()
+    try:
+        summary = run(cfg, on_summary=sample)
+    finally:
+        done.set()
+        killer.join()
     rate = summary.this_run.items / summary.wall_seconds
     peak_driver = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     peak_actor = max(s[2] for s in samples)
     print(f"\nsoak: {summary.this_run.items} items in {summary.wall_seconds:.0f} s = {rate:.2f} items/s; "
-          f"peak RSS driver {peak_driver:.0f} MiB, protect actor {peak_actor:.0f} MiB")  # fmt: skip
+          f"peak RSS driver {peak_driver:.0f} MiB, protect actor {peak_actor:.0f} MiB; killed: {killed}")  # fmt: skip
+    assert len(killed) == 2, killed
 
     assert summary.processed_shards == SHARDS and not summary.failed_shards
     keys = [r["key"] for f in sorted((tmp_path / "out").glob("*.parquet")) for r in pq.read_table(f).to_pylist()]
