@@ -52,6 +52,14 @@ class IOConfig:
     output: str = ""  # local dir or s3://bucket/prefix/ ; one output shard per input shard
     storage: StorageConfig = field(default_factory=StorageConfig)
     overwrite: bool = False  # redo shards that already have a completion marker
+    # auto | shards | files | parquet: WebDataset .tar shards, a tree of audio files (mirrored under
+    # the output), or Parquet files with an audio column (Hugging Face `datasets` layout). auto:
+    # .tar URLs/globs and folders with .tar files at the top are shards, .parquet ones parquet.
+    input_format: str = "auto"
+    files_per_unit: int = 64  # files mode: files per unit of work (one manifest + marker each)
+    unit_max_mb: float = 1024.0  # files mode: a unit holds at most this many MiB of input
+    copy_other_files: bool = False  # files mode: copy non-audio files (cover art, PDFs) to the output too
+    audio_column: str = "audio"  # parquet mode: the column of {bytes, path} structs
 
 
 @dataclass(frozen=True)
@@ -150,6 +158,23 @@ class RuntimeConfig:
 
 
 @dataclass(frozen=True)
+class ServiceConfig:
+    """`unlearnable serve` (docs/service.md): upload limits, batching across uploads, back-pressure."""
+
+    max_upload_mb: float = 64.0  # request bodies larger than this: 413, never read whole
+    max_duration_s: float = 600.0  # decoded audio longer than this: 413
+    max_batch_uploads: int = 8  # uploads whose windows share one PGD call on a replica
+    batch_wait_s: float = 0.05  # how long a replica waits to fill a batch (seconds)
+    max_pending_uploads: int = 32  # per replica: uploads admitted (queued or running); more: 429
+    max_queued_requests: int = 64  # Serve's own queue in front of the replicas; more: 503
+    request_timeout_s: float = 300.0  # one upload, from body read to response: 504 after this
+    retry_after_s: int = 5  # Retry-After of 429/503 answers (seconds)
+    num_replicas: int = 1  # replicas, one encoder each
+    num_gpus_per_replica: float = 0.0
+    num_cpus_per_replica: float = 1.0
+
+
+@dataclass(frozen=True)
 class PipelineConfig:
     """The whole job's configuration.
 
@@ -165,6 +190,7 @@ class PipelineConfig:
     attack: AttackConfig = field(default_factory=AttackConfig)
     quality: QualityConfig = field(default_factory=QualityConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    service: ServiceConfig = field(default_factory=ServiceConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return _to_plain(self)
@@ -294,7 +320,7 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
 
 def validate(cfg: PipelineConfig) -> None:
     """Check every cross-field rule once; raise ConfigError with the offending key."""
-    a, au, rt = cfg.attack, cfg.audio, cfg.runtime
+    a, au, rt, sv = cfg.attack, cfg.audio, cfg.runtime, cfg.service
     checks = [
         (a.eps > 0 and a.eps < 1, "attack.eps must be in (0, 1) (linear amplitude, full scale 1.0)"),
         (a.alpha > 0, "attack.alpha must be > 0"),
@@ -318,6 +344,12 @@ def validate(cfg: PipelineConfig) -> None:
             "audio.overlap_seconds must be >= 0 and less than half of audio.window_seconds",
         ),
         (au.on_error in ("passthrough", "drop"), "audio.on_error must be passthrough|drop"),
+        (
+            cfg.io.input_format in ("auto", "shards", "files", "parquet"),
+            "io.input_format must be auto|shards|files|parquet",
+        ),
+        (cfg.io.files_per_unit >= 1, "io.files_per_unit must be >= 1"),
+        (cfg.io.unit_max_mb > 0, "io.unit_max_mb must be > 0"),
         (au.lossy_output in ("flac", "same"), "audio.lossy_output must be flac|same"),
         (au.segment_seconds >= 2 * au.window_seconds, "audio.segment_seconds must be ≥ 2 × audio.window_seconds"),
         (au.max_member_mb > 0, "audio.max_member_mb must be > 0"),
@@ -329,6 +361,17 @@ def validate(cfg: PipelineConfig) -> None:
         (rt.num_cpus_per_actor > 0, "runtime.num_cpus_per_actor must be > 0"),
         (0 < rt.io_cpus <= 16, "runtime.io_cpus must be in (0, 16]"),
         (rt.metrics_port is None or 0 <= rt.metrics_port <= 65535, "runtime.metrics_port must be 0..65535 or null"),
+        (sv.max_upload_mb > 0, "service.max_upload_mb must be > 0"),
+        (sv.max_duration_s > 0, "service.max_duration_s must be > 0"),
+        (sv.max_batch_uploads >= 1, "service.max_batch_uploads must be >= 1"),
+        (sv.batch_wait_s >= 0, "service.batch_wait_s must be >= 0"),
+        (sv.max_pending_uploads >= 1, "service.max_pending_uploads must be >= 1"),
+        (sv.max_queued_requests >= -1, "service.max_queued_requests must be >= 0 (-1: unbounded)"),
+        (sv.request_timeout_s > 0, "service.request_timeout_s must be > 0"),
+        (sv.retry_after_s >= 1, "service.retry_after_s must be >= 1"),
+        (sv.num_replicas >= 1, "service.num_replicas must be >= 1"),
+        (sv.num_gpus_per_replica >= 0, "service.num_gpus_per_replica must be >= 0"),
+        (sv.num_cpus_per_replica > 0, "service.num_cpus_per_replica must be > 0"),
         (
             cfg.encoder.sha256 is None or len(cfg.encoder.sha256) == 64,
             "encoder.sha256 must be 64 hex digits",

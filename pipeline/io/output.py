@@ -90,7 +90,11 @@ class OutputFolder:
             OSError: a permanent storage error, or transient ones that outlasted the retries.
         """
         final = self.key(name)
-        tmp = self.key(f"{TMP_DIR}/{name}.{uuid.uuid4().hex}")
+        # A nested name (a mirrored file) gets a flat temporary name under _tmp/files/ (the tree is
+        # not rebuilt under _tmp/; that folder stays until the run's final sweep, so parallel writes
+        # never race a folder removal).
+        flat = f"{name}.{uuid.uuid4().hex}" if "/" not in name else f"files/{uuid.uuid4().hex}"
+        tmp = self.key(f"{TMP_DIR}/{flat}")
         try:
             with_retries(lambda: self._put(tmp, data), f"write {tmp}", self.retry)
             self._move(tmp, final)
@@ -102,6 +106,7 @@ class OutputFolder:
         if self.local:
             # os.replace, not fs.mv: a rename (atomic on one filesystem) that fails on a folder in
             # the way, where shutil.move would move the file into that folder.
+            self.fs.makedirs(posixpath.dirname(final), exist_ok=True)
             os.replace(tmp, final)
         else:
             # S3 has no rename: copy (idempotent, so safe to retry), then delete the temp key.

@@ -33,10 +33,13 @@ SHARD_ERROR_KEY = "__shard__"  # manifest key of a row describing a shard-level 
 
 @dataclass(frozen=True)
 class ShardRef:
-    """One input shard and the id its outputs are named after (input basename without .tar)."""
+    """One unit of work: an input shard (or Parquet file, or group of files under a root) and the
+    id its manifest and marker are named after (a shard's basename without .tar)."""
 
     url: str
     shard_id: str
+    layout: str = "shards"  # shards: a .tar | parquet: a .parquet file | files: `files` under the root `url`
+    files: tuple[str, ...] = ()  # files layout: the unit's paths under `url`, '/'-separated
 
 
 @dataclass

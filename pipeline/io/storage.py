@@ -222,7 +222,12 @@ def input_fingerprint(url: str, storage_options: Mapping[str, Any] | None = None
     except Exception as exc:  # a missing shard completes with an error row; it has no fingerprint
         logger.debug("no fingerprint for %s: %s", url, exc)
         return {"url": url}
-    found: dict[str, Any] = {"url": url, "size": int(info.get("size") or 0)}
+    return {"url": url, **fingerprint_of(info)}
+
+
+def fingerprint_of(info: Mapping[str, Any]) -> dict[str, Any]:
+    """{"size" (bytes), and "etag" on S3 or "mtime" elsewhere} from an fsspec info/listing entry."""
+    found: dict[str, Any] = {"size": int(info.get("size") or 0)}
     etag = info.get("ETag") or info.get("etag")
     if etag:
         found["etag"] = str(etag).strip('"')

@@ -4,6 +4,7 @@ writer (one actor) -> per-shard summaries."""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
@@ -19,12 +20,12 @@ from pipeline.encoders.checkpoints import CheckpointSpec
 from pipeline.encoders.load import check_configured_encoders
 from pipeline.io.manifest import merge_stats
 from pipeline.io.output import OutputFolder, OutputLease
-from pipeline.io.shards import ShardRef, list_shards
+from pipeline.io.shards import ShardRef
 from pipeline.io.storage import ShardError
 from pipeline.records import ShardStats
 from pipeline.stages import rows as R
 from pipeline.stages.metrics import DriverMetrics, NoopMetrics
-from pipeline.stages.plan import check_config, plan
+from pipeline.stages.plan import InputListing, check_config, list_input, plan
 from pipeline.stages.protect import ProtectActor
 from pipeline.stages.quality import QualitySettings, quality_batch
 from pipeline.stages.read import ReadSettings, read_shard
@@ -156,7 +157,9 @@ def build_dataset(
         lossy_output=cfg.audio.lossy_output,
         segment_seconds=cfg.audio.segment_seconds,
         overlap_seconds=cfg.audio.overlap_seconds,
+        audio_column=cfg.io.audio_column,
     )
+    layout = pending[0].layout if pending else "shards"
     write_settings = WriteSettings(
         output=cfg.io.output,
         storage_options=options,
@@ -167,8 +170,14 @@ def build_dataset(
         max_member_bytes=read_settings.max_member_bytes,
         durable=durable,
         fingerprints=dict(fingerprints or {}),
+        layout=layout,
+        audio_column=cfg.io.audio_column,
+        unit_paths={s.shard_id: s.files[0] for s in pending if s.layout == "parquet"},
     )
-    items = [{R.SHARD_ID: s.shard_id, R.SHARD_URL: s.url} for s in pending]
+    items = [
+        {R.SHARD_ID: s.shard_id, R.SHARD_URL: s.url, R.LAYOUT: s.layout, R.UNIT_FILES: json.dumps(list(s.files))}
+        for s in pending
+    ]
     ds = ray.data.from_items(items, override_num_blocks=max(1, len(items)))
     ds = ds.flat_map(read_shard, fn_kwargs={"settings": read_settings}, num_cpus=rt.io_cpus)
     ds = ds.map_batches(
@@ -242,13 +251,13 @@ def run(
     random_encoder = CheckpointSpec.parse(cfg.encoder.checkpoint, cfg.encoder.amodel).is_random
     if random_encoder:
         print("WARNING: " + RANDOM_WARNING.format(spec=cfg.encoder.checkpoint), file=sys.stderr, flush=True)
-    shards = list_shards(cfg.io.input, options)  # input errors before the output is touched
+    listing = list_input(cfg)  # input errors before the output is touched
     out = OutputFolder(cfg.io.output, options)
     out.ensure(clear_tmp=False)
     lease = OutputLease(out)
     lease.acquire()  # one driver per output: LeaseHeld names the holder
     try:
-        return _run_leased(cfg, shards, out, lease, started, random_encoder, on_summary, metrics, durable)
+        return _run_leased(cfg, listing, out, lease, started, random_encoder, on_summary, metrics, durable)
     finally:
         try:
             out.clear_tmp()  # spills and temp keys of this run: nothing is left under _tmp/
@@ -259,7 +268,7 @@ def run(
 
 def _run_leased(
     cfg: PipelineConfig,
-    shards: list[ShardRef],
+    listing: InputListing,
     out: OutputFolder,
     lease: OutputLease,
     started: float,
@@ -271,7 +280,7 @@ def _run_leased(
     """The body of `run` while this driver holds the output's lease."""
     options = cfg.io.storage.storage_options()
     out.clear_tmp()
-    run_plan = plan(cfg, shards)
+    run_plan = plan(cfg, listing)
     note = check_config(out, cfg, set(run_plan.skipped) | {shard_id for shard_id, _ in run_plan.changed})
     for shard in run_plan.pending:
         out.remove_stale(shard.shard_id)
@@ -292,7 +301,7 @@ def _run_leased(
         port = cfg.runtime.metrics_port
         metrics = DriverMetrics(port, addr=cfg.runtime.metrics_addr) if port is not None else NoopMetrics()
     metrics.shards_total(len(run_plan.pending))
-    input_urls = {s.shard_id: s.url for s in run_plan.pending}
+    input_urls = {s.shard_id: s.url for s in run_plan.pending if s.layout != "files"}
     failed: list[tuple[str, str]] = []
     heard: set[str] = set()
 

@@ -12,8 +12,10 @@ import yaml
 
 from pipeline.config import ConfigError, PipelineConfig
 from pipeline.io.output import OutputFolder
+from pipeline.io.parquet_audio import list_parquet
 from pipeline.io.shards import ShardRef, list_shards
-from pipeline.io.storage import fingerprint_changed, input_fingerprint
+from pipeline.io.storage import ShardError, fingerprint_changed, input_fingerprint
+from pipeline.io.tree import UNIT_PREFIX, TreeFile, detect_layout, group_units, has_extension, list_tree, unit_id
 from pipeline.records import ShardStats
 
 FINGERPRINT_THREADS = 16  # parallel info / marker requests when planning
@@ -34,12 +36,52 @@ class RunPlan:
     fingerprints: dict[str, dict[str, Any]] = field(default_factory=dict)  # shard id -> input fingerprint
 
 
-def plan(cfg: PipelineConfig, shards: list[ShardRef] | None = None) -> RunPlan:
-    """List input shards (unless given) and split them into pending and already-completed ones. A
-    completed shard whose input fingerprint (size, ETag / mtime) differs from the one in its marker
-    is pending again and listed in `changed`."""
+@dataclass
+class InputListing:
+    """What `io.input` holds: units of work (shards, Parquet files) or a tree's files."""
+
+    layout: str  # shards | files | parquet
+    units: list[ShardRef] = field(default_factory=list)  # shards and parquet layouts
+    files: list[TreeFile] = field(default_factory=list)  # files layout: audio (and other files to copy)
+
+
+def list_input(cfg: PipelineConfig) -> InputListing:
+    """List `io.input` in its layout (`io.input_format`, or detected).
+
+    Raises:
+        ShardError: nothing to protect there, or it cannot be listed.
+        ConfigError: in files mode the output lies inside the input tree or the other way round.
+    """
     options = cfg.io.storage.storage_options()
-    shards = list_shards(cfg.io.input, options) if shards is None else shards
+    layout = cfg.io.input_format if cfg.io.input_format != "auto" else detect_layout(cfg.io.input, options)
+    if layout == "shards":
+        return InputListing(layout, units=list_shards(cfg.io.input, options))
+    if layout == "parquet":
+        return InputListing(layout, units=list_parquet(cfg.io.input, options))
+    source, target = cfg.io.input.rstrip("/") + "/", cfg.io.output.rstrip("/") + "/"
+    if source.startswith(target) or target.startswith(source):
+        raise ConfigError(f"io.output ({cfg.io.output}) and io.input ({cfg.io.input}) must not contain each other")
+    extensions = tuple(e.lower() for e in cfg.audio.extensions)
+    files = list_tree(cfg.io.input, options)
+    audio = [f for f in files if has_extension(f.rel, extensions)]
+    if not audio:
+        raise ShardError(f"no audio files ({', '.join(extensions)}) under {cfg.io.input}")
+    return InputListing(layout, files=files if cfg.io.copy_other_files else audio)
+
+
+def plan(cfg: PipelineConfig, listing: InputListing | list[ShardRef] | None = None) -> RunPlan:
+    """List the input (unless given) and split its units into pending and already-completed ones.
+    A completed unit whose input fingerprint (size, ETag / mtime) differs from the one in its
+    marker is pending again and listed in `changed`. A tree's files are grouped into units here
+    (see plan_files)."""
+    options = cfg.io.storage.storage_options()
+    if listing is None:
+        listing = list_input(cfg)
+    if isinstance(listing, InputListing):
+        if listing.layout == "files":
+            return plan_files(cfg, listing.files)
+        listing = listing.units
+    shards = listing
     out = OutputFolder(cfg.io.output, options)
     done = set() if cfg.io.overwrite else out.completed()
     with ThreadPoolExecutor(max_workers=FINGERPRINT_THREADS) as pool:
@@ -55,6 +97,45 @@ def plan(cfg: PipelineConfig, shards: list[ShardRef] | None = None) -> RunPlan:
     pending = [s for s in shards if s.shard_id not in done]
     skipped = sorted(s.shard_id for s in shards if s.shard_id in done)
     return RunPlan(shards=shards, pending=pending, skipped=skipped, changed=changed, fingerprints=prints)
+
+
+def plan_files(cfg: PipelineConfig, files: list[TreeFile]) -> RunPlan:
+    """Units of a file tree. Files recorded in the marker of a completed unit are done; the rest
+    are grouped, in path order, into new units of at most `io.files_per_unit` files and
+    `io.unit_max_mb` MiB, each named after its files (so a rerun after a crash plans the same
+    units). A completed unit with a file whose fingerprint changed is pending again, whole, under
+    its own id: its files are redone and its manifest replaced, so no file has two rows."""
+    options = cfg.io.storage.storage_options()
+    out = OutputFolder(cfg.io.output, options)
+    done = set() if cfg.io.overwrite else {u for u in out.completed() if u.startswith(UNIT_PREFIX)}
+    with ThreadPoolExecutor(max_workers=FINGERPRINT_THREADS) as pool:
+        ids = sorted(done)
+        recorded = dict(zip(ids, pool.map(lambda i: _recorded_input(out, i).get("files") or {}, ids)))
+    current = {f.rel: f for f in files}
+    assigned: set[str] = set()
+    units, pending, skipped, changed = [], [], [], []
+    prints: dict[str, dict[str, Any]] = {}
+    for uid in ids:
+        members = [current[rel] for rel in sorted(recorded[uid]) if rel in current]
+        assigned.update(recorded[uid])
+        ref = ShardRef(url=cfg.io.input, shard_id=uid, layout="files", files=tuple(f.rel for f in members))
+        prints[uid] = {"files": {f.rel: f.fingerprint for f in members}}
+        units.append(ref)
+        whys = (f"{f.rel}: {w}" for f in members if (w := fingerprint_changed(recorded[uid][f.rel], f.fingerprint)))
+        why = next(whys, "")
+        if why and members:
+            changed.append((uid, why))
+            pending.append(ref)
+        else:
+            skipped.append(uid)
+    limit = int(cfg.io.unit_max_mb * (1 << 20))
+    for group in group_units([f for f in files if f.rel not in assigned], cfg.io.files_per_unit, limit):
+        rels = [f.rel for f in group]
+        ref = ShardRef(url=cfg.io.input, shard_id=unit_id(rels), layout="files", files=tuple(rels))
+        prints[ref.shard_id] = {"files": {f.rel: f.fingerprint for f in group}}
+        units.append(ref)
+        pending.append(ref)
+    return RunPlan(shards=units, pending=pending, skipped=sorted(skipped), changed=changed, fingerprints=prints)
 
 
 def _recorded_input(out: OutputFolder, shard_id: str) -> dict[str, Any]:

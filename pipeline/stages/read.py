@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 from pipeline.io.audio import LOSSY_FORMATS, AudioDecodeError, decode, output_format_for, probe_bitrate_kbps
+from pipeline.io.parquet_audio import read_parquet_samples
 from pipeline.io.shards import SHARD_ERROR_KEY, Sample, read_samples, split_name
+from pipeline.io.tree import has_extension, read_unit
 from pipeline.records import SampleStatus
 from pipeline.stages import rows as R
 from pipeline.stages.segments import segment_count, track_rows
@@ -24,6 +27,7 @@ class ReadSettings:
     lossy_output: str = "flac"  # flac | same: how MP3/Ogg members are written (audio.lossy_output)
     segment_seconds: float = float("inf")  # longer tracks become segment rows (audio.segment_seconds)
     overlap_seconds: float = 1.0  # crossfade between segments (audio.overlap_seconds)
+    audio_column: str = "audio"  # parquet layout: the column of {bytes, path} structs (io.audio_column)
 
 
 _ADDRESS = re.compile(r"<[^<>]* (object )?at 0x[0-9a-fA-F]+>")
@@ -95,13 +99,28 @@ def sample_row(sample: Sample, settings: ReadSettings) -> dict[str, Any]:
     return row
 
 
+def read_unit_samples(shard: dict[str, Any], settings: ReadSettings) -> tuple[list[Sample], str]:
+    """The samples of one unit of work, whatever its layout: a tar shard's keys, a Parquet file's
+    rows, or a group of files under a root (see `pipeline.io.shards.read_samples` for the error)."""
+    layout, url = shard.get(R.LAYOUT) or "shards", shard[R.SHARD_URL]
+    if layout == "files":
+        return read_unit(url, json.loads(shard[R.UNIT_FILES]), settings.storage_options, settings.max_member_bytes)
+    if layout == "parquet":
+        return read_parquet_samples(url, settings.storage_options, settings.max_member_bytes, settings.audio_column)
+    return read_samples(url, settings.storage_options, settings.max_member_bytes)
+
+
 def read_shard(shard: dict[str, Any], settings: ReadSettings) -> Iterator[dict[str, Any]]:
     """flat_map body: every key of the shard as a row; a shard-level problem (missing, truncated
     tar, storage failure) or an empty shard adds one row of kind 'shard' (key `__shard__`) whose
     error starts with the problem's kind (see `pipeline.io.storage`), so that the writer still hears
     of the shard: it completes it, or for storage failures leaves it for the next run."""
-    samples, shard_error = read_samples(shard[R.SHARD_URL], settings.storage_options, settings.max_member_bytes)
+    samples, shard_error = read_unit_samples(shard, settings)
     rows = [sample_row(s, settings) for s in samples]
+    if shard.get(R.LAYOUT) == "files":  # a unit's non-audio files (io.copy_other_files) are copied as they are
+        for row in rows:
+            if not has_extension(row[R.KEY], settings.extensions) and not row[R.ERROR].startswith("bad member"):
+                row.update({R.KIND: R.KIND_COPY, R.STATUS: SampleStatus.OK, R.ERROR: "", R.AUDIO_MEMBER: -1})
     if shard_error or not samples:
         rows.append(
             {

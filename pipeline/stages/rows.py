@@ -15,6 +15,9 @@ import numpy as np
 class TrackRow(TypedDict, total=False):
     """Columns of a stage row, in the order stages add them."""
 
+    # the read stage's input: one row per unit of work (stages/pipeline.py)
+    layout: str  # shards | files | parquet (io.input_format)
+    unit_files: str  # files layout: JSON list of the unit's paths under SHARD_URL (the tree's root)
     # read stage (stages/read.py)
     shard_id: str
     shard_url: str
@@ -74,6 +77,7 @@ class TrackRow(TypedDict, total=False):
 
 
 # Column names (keys of TrackRow).
+LAYOUT, UNIT_FILES = "layout", "unit_files"
 SHARD_ID, SHARD_URL, SHARD_ITEMS, INDEX = "shard_id", "shard_url", "shard_items", "index"
 KEY, KIND, STATUS, ERROR = "key", "kind", "status", "error"
 MEMBER_NAMES, MEMBER_DATA, AUDIO_MEMBER = "member_names", "member_data", "audio_member"
@@ -123,6 +127,7 @@ assert set(_NAMES) <= set(TrackRow.__annotations__), set(_NAMES) - set(TrackRow.
 
 KIND_SAMPLE = "sample"
 KIND_SHARD = "shard"  # a row that stands for the shard itself (shard-level error, or an empty shard)
+KIND_COPY = "copy"  # files layout, io.copy_other_files: a non-audio file copied to the output as it is
 
 
 def batch_to_rows(batch: dict[str, Any]) -> list[dict[str, Any]]:

@@ -13,12 +13,14 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline.io.audio import AudioEncodeError, OutputFormat, check_written, encode
-from pipeline.io.manifest import commit_shard
+from pipeline.io.manifest import commit_files, commit_shard, parquet_bytes
 from pipeline.io.output import OutputFolder
-from pipeline.io.shards import build_tar, read_samples, split_name
+from pipeline.io.parquet_audio import replace_audio
+from pipeline.io.shards import build_tar, split_name
 from pipeline.io.storage import UNCOMMITTED_SHARD_ERRORS
 from pipeline.records import ManifestRow, SampleStatus, ShardStats
 from pipeline.stages import rows as R
+from pipeline.stages.read import ReadSettings, read_unit_samples
 from pipeline.stages.segments import assemble, is_segment
 
 logger = logging.getLogger(__name__)
@@ -92,6 +94,10 @@ class WriteSettings:
     durable: bool = True
     # shard id -> fingerprint of its input (size, ETag / mtime), recorded in the marker
     fingerprints: dict[str, dict[str, Any]] = field(default_factory=dict)
+    layout: str = "shards"  # shards: one tar per unit | files: a mirrored tree | parquet: the file again
+    audio_column: str = "audio"  # parquet layout: the column of {bytes, path} structs
+    # parquet layout: unit id -> the input file's path under the input root (written at the same path)
+    unit_paths: dict[str, str] = field(default_factory=dict)
 
 
 def shard_outputs(
@@ -108,6 +114,9 @@ def shard_outputs(
             if row[R.STATUS] == SampleStatus.ERROR:
                 stats.add_error(row[R.ERROR])
                 manifest.append(ManifestRow(key=row[R.KEY], status=SampleStatus.ERROR, error=row[R.ERROR]))
+            continue
+        if row[R.KIND] == R.KIND_COPY:  # a non-audio file of a tree, copied as it is (no manifest row)
+            members.extend(zip(names, data, strict=True))
             continue
         stats.items += 1
         entry = ManifestRow(
@@ -150,7 +159,7 @@ def shard_outputs(
         else:
             stats.error += 1
             stats.add_error(entry.error)
-            if settings.on_error == "passthrough" and not entry.error.startswith("bad member"):
+            if settings.on_error == "passthrough" and not entry.error.startswith("bad member") and any(data):
                 members.extend(zip(names, data, strict=True))
                 entry.written = True
                 entry.output_member = entry.input_member
@@ -307,7 +316,14 @@ class ShardWriter:
         """Put the item's original member bytes back, read again from the input shard (segment
         rows carry the long audio member's bytes nowhere, to keep it out of the actors' memory).
         If the shard no longer holds them, only the other members pass through, and the error says so."""
-        samples, problem = read_samples(row[R.SHARD_URL], self.settings.storage_options, self.settings.max_member_bytes)
+        unit = {R.LAYOUT: self.settings.layout, R.SHARD_URL: row[R.SHARD_URL], R.UNIT_FILES: json.dumps([row[R.KEY]])}
+        read = ReadSettings(
+            extensions=(),
+            max_member_bytes=self.settings.max_member_bytes,
+            storage_options=self.settings.storage_options,
+            audio_column=self.settings.audio_column,
+        )
+        samples, problem = read_unit_samples(unit, read)
         names = list(row[R.MEMBER_NAMES])
         matches = [s for s in samples if s.key == row[R.KEY] and list(s.names) == names and not s.error]
         if matches:
@@ -331,10 +347,51 @@ class ShardWriter:
             members, manifest, stats = shard_outputs(rows, self.settings)
             stats.wall_seconds = time.perf_counter() - started
             stats.input = dict(self.settings.fingerprints.get(shard_id, {}))
-            commit_shard(self.out, shard_id, build_tar(members), manifest, stats)
+            self._write_unit(shard_id, rows, members, manifest, stats)
         except Exception as exc:  # a shard that cannot be written fails alone, never the run
             return self._failed(shard_id, f"write: {type(exc).__name__}: {exc}")
         return shard_summary(shard_id, stats, "")
+
+    def _write_unit(
+        self,
+        shard_id: str,
+        rows: list[dict[str, Any]],
+        members: list[tuple[str, bytes]],
+        manifest: list[ManifestRow],
+        stats: ShardStats,
+    ) -> None:
+        """Write a complete unit in its layout; the marker always last."""
+        if self.settings.layout == "files":
+            commit_files(self.out, shard_id, members, manifest, stats)
+            return
+        if self.settings.layout == "parquet":
+            self._write_parquet(shard_id, rows, manifest, stats)
+            return
+        commit_shard(self.out, shard_id, build_tar(members), manifest, stats)
+
+    def _write_parquet(
+        self, shard_id: str, rows: list[dict[str, Any]], manifest: list[ManifestRow], stats: ShardStats
+    ) -> None:
+        """The input Parquet file again at its path, with each protected row's audio replaced (a
+        failed row keeps its audio under passthrough, is left out under drop), then manifest and marker.
+        A file that could not be read as a dataset at all is not written (its manifest says why)."""
+        readable = not any(r[R.KIND] == R.KIND_SHARD and r[R.STATUS] == SampleStatus.ERROR for r in rows)
+        if readable:
+            entries = {entry.key: entry for entry in manifest}
+            replacements: dict[int, tuple[bytes, str] | None] = {}
+            for row in rows:
+                entry = entries.get(row[R.KEY])
+                if row[R.KIND] != R.KIND_SAMPLE or entry is None:
+                    continue
+                if entry.status is SampleStatus.OK:
+                    replacements[int(row[R.INDEX])] = (row[R.AUDIO_BYTES], row[R.OUT_EXT])
+                elif not entry.written:
+                    replacements[int(row[R.INDEX])] = None
+            url = rows[0][R.SHARD_URL]
+            data = replace_audio(url, self.settings.storage_options, self.settings.audio_column, replacements)
+            self.out.write_atomic(self.settings.unit_paths[shard_id], data)
+        self.out.write_atomic(f"{shard_id}.parquet", parquet_bytes(manifest))
+        self.out.write_atomic(self.out.marker_name(shard_id), stats.to_json().encode())
 
     def _failed(self, shard_id: str, reason: str) -> dict[str, Any]:
         """Summary of a shard left without a marker (so it stays pending for the next run)."""
