@@ -39,6 +39,7 @@ UNPACK_DIR = "_unpack"  # unpack markers, at the top of the restored tree
 SHARD_PREFIX = "shard-"
 DEFAULT_SHARD_SIZE = 256 << 20  # bytes
 MIN_SHARD_SIZE = 64 << 10  # bytes
+DEFAULT_EXTENSIONS = ("flac", "wav", "mp3", "ogg", "opus", "oga", "aiff", "aif", "m4a", "aac")  # audio.extensions
 OTHER_EXT = "bin"  # member extension of a non-audio file (its own may be 'json' or none)
 PLAN_VERSION = 1
 _BLOCK, _RECORD = 512, 10240  # tar block and record (bytes): build_tar pads the archive to records
@@ -307,7 +308,7 @@ def pack(
     input_url: str,
     output_url: str,
     storage_options: Mapping[str, Any] | None = None,
-    extensions: tuple[str, ...] = ("flac", "wav", "mp3", "ogg", "opus", "oga", "aiff", "aif", "m4a", "aac"),
+    extensions: tuple[str, ...] = DEFAULT_EXTENSIONS,
     shard_size: int | None = None,
     include_other: bool = False,
     overwrite: bool = False,

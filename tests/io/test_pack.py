@@ -320,3 +320,33 @@ def test_pack_and_unpack_on_s3(s3_store, tmp_path: Path) -> None:
     assert not fs.exists(f"{bucket}/shards/{LEASE_NAME}") and not fs.exists(f"{bucket}/restored/{LEASE_NAME}")
     again = pk.pack(f"s3://{bucket}/masters", f"s3://{bucket}/shards", options)
     assert again.ok and all(s.skipped for s in again.shards)
+
+
+def test_pack_protect_unpack_through_the_read_and_write_stages(tmp_path: Path) -> None:
+    """A packed shard through the read stage and the shard writer (δ = 0, no Ray): the MP3 comes
+    back as FLAC at its path, the WAV as WAV, an undecodable file passed through as it was."""
+    from pipeline.stages import rows as R
+    from pipeline.stages.read import ReadSettings, read_shard
+    from tests.factories import audio_bytes, written
+
+    make_tree(tmp_path / "in", {})
+    masters = {
+        "Ärtist/01. Intro.mp3": audio_bytes(1.0, 16000, 1, fmt="MP3", subtype="MPEG_LAYER_III"),
+        "Ärtist/01. Outro.wav": audio_bytes(1.0, 16000, 1, seed=1),
+        "Ärtist/02. Broken.flac": b"not audio" * 50,
+    }
+    for rel, data in masters.items():
+        (tmp_path / "in" / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "in" / rel).write_bytes(data)
+    assert pk.pack(str(tmp_path / "in"), str(tmp_path / "sh")).ok
+    settings = ReadSettings(extensions=pk.DEFAULT_EXTENSIONS, max_member_bytes=1 << 30, storage_options={})
+    shard = {R.SHARD_ID: "shard-000000", R.SHARD_URL: str(tmp_path / "sh" / "shard-000000.tar")}
+    members, manifest, _ = written(list(read_shard(shard, settings)), on_error="passthrough")
+    assert [m.status.value for m in manifest] == ["ok", "ok", "error"]
+    (tmp_path / "protected").mkdir()
+    (tmp_path / "protected" / "shard-000000.tar").write_bytes(build_tar(members))
+    assert pk.unpack(str(tmp_path / "protected"), str(tmp_path / "out")).ok
+    restored = tree_bytes(tmp_path / "out")
+    assert sorted(restored) == ["Ärtist/01. Intro.flac", "Ärtist/01. Outro.wav", "Ärtist/02. Broken.flac"]
+    assert restored["Ärtist/01. Intro.flac"][:4] == b"fLaC" and restored["Ärtist/01. Outro.wav"][:4] == b"RIFF"
+    assert restored["Ärtist/02. Broken.flac"] == masters["Ärtist/02. Broken.flac"]
