@@ -95,8 +95,12 @@ class PackedFile:
 def tar_size(files: list[PackedFile]) -> int:
     """Exact size (bytes) of the shard build_tar writes for `files` (names < 100 bytes: no long-name
     headers; two zero blocks at the end, padded to a 10240-byte record)."""
-    total = sum(f.tar_bytes() for f in files) + 2 * _BLOCK
-    return -(-total // _RECORD) * _RECORD
+    return _padded(sum(f.tar_bytes() for f in files))
+
+
+def _padded(members: int) -> int:
+    """A tar's size from its members' bytes: two zero blocks, then up to a whole record."""
+    return -(-(members + 2 * _BLOCK) // _RECORD) * _RECORD
 
 
 @dataclass
@@ -192,12 +196,14 @@ def make_plan(
             eligible.append((f, audio))
     width = max(6, len(str(max(len(eligible) - 1, 0))))
     current: list[PackedFile] = []
+    running = 0  # tar_bytes of `current`
     for index, (f, audio) in enumerate(eligible):
         packed = PackedFile(f.rel, f.size, dict(f.fingerprint), f"{index:0{width}d}", audio)
-        if current and tar_size([*current, packed]) > shard_size:
+        if current and _padded(running + packed.tar_bytes()) > shard_size:
             plan.shards.append(current)
-            current = []
+            current, running = [], 0
         current.append(packed)
+        running += packed.tar_bytes()
     if current:
         plan.shards.append(current)
     return plan
@@ -236,6 +242,7 @@ class ShardResult:
     failed: list[tuple[str, str]] = field(default_factory=list)  # (path or key, why)
     skipped: bool = False  # complete before this run
     error: str = ""  # shard-level: unreadable tar, storage error (nothing committed)
+    fingerprint: dict[str, Any] = field(default_factory=dict)  # unpack: the input shard's, from its marker
 
 
 @dataclass
@@ -355,9 +362,8 @@ def pack(
                 if lease.lost:
                     raise ShardError(f"lost the lease on {output_url}: {lease.lost}")
                 marker = f"{PACK_DIR}/{shard_id}.{plan_id}.json"
-                if marker in markers and not overwrite:
-                    result = _read_marker(out, marker, shard_id)
-                else:
+                result = _read_marker(out, marker, shard_id) if marker in markers and not overwrite else None
+                if result is None:
                     result = _pack_shard(out, shard_id, files, plan, pool, marker, storage_options)
                 summary.shards.append(result)
                 say(_shard_line("pack", result))
@@ -380,10 +386,16 @@ def _tidy(out: OutputFolder, top: list[str], markers: set[str], ids: list[str], 
             markers.discard(name)
 
 
-def _read_marker(out: OutputFolder, marker: str, shard_id: str) -> ShardResult:
-    doc = json.loads(out.read_text(marker))
-    failed = [(f["path"], f["why"]) for f in doc.get("failed", [])]
-    return ShardResult(shard_id, int(doc.get("files", 0)), int(doc.get("bytes", 0)), failed, skipped=True)
+def _read_marker(out: OutputFolder, marker: str, shard_id: str) -> ShardResult | None:
+    """A complete shard's result from its marker (None when the marker cannot be read: redo it)."""
+    try:
+        doc = json.loads(out.read_text(marker))
+        failed = [(f["path"], f["why"]) for f in doc.get("failed", [])]
+        found = ShardResult(shard_id, int(doc["files"]), int(doc["bytes"]), failed, skipped=True)
+        found.fingerprint = dict(doc.get("fingerprint") or {})
+        return found
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def _pack_shard(
@@ -492,13 +504,11 @@ def unpack(
             marker = f"{UNPACK_DIR}/{ref.shard_id}.json"
             fingerprint = input_fingerprint(ref.url, storage_options)
             result = ShardResult(ref.shard_id)
-            if marker in markers and not overwrite:
-                doc = json.loads(out.read_text(marker))
-                if not fingerprint_changed(doc.get("fingerprint", {}), fingerprint):
-                    result.files, result.bytes, result.skipped = int(doc["files"]), int(doc["bytes"]), True
-                    summary.shards.append(result)
-                    say(_shard_line("unpack", result))
-                    continue
+            done = _read_marker(out, marker, ref.shard_id) if marker in markers and not overwrite else None
+            if done is not None and not fingerprint_changed(done.fingerprint, fingerprint):
+                summary.shards.append(done)
+                say(_shard_line("unpack", done))
+                continue
             _unpack_shard(out, ref.url, result, written, pool, storage_options, max_member_bytes)
             if not result.error and not result.failed:
                 doc = {"shard": ref.url, "fingerprint": fingerprint, "files": result.files, "bytes": result.bytes}

@@ -350,3 +350,20 @@ def test_pack_protect_unpack_through_the_read_and_write_stages(tmp_path: Path) -
     assert sorted(restored) == ["Ärtist/01. Intro.flac", "Ärtist/01. Outro.wav", "Ärtist/02. Broken.flac"]
     assert restored["Ärtist/01. Intro.flac"][:4] == b"fLaC" and restored["Ärtist/01. Outro.wav"][:4] == b"RIFF"
     assert restored["Ärtist/02. Broken.flac"] == masters["Ärtist/02. Broken.flac"]
+
+
+def test_unpack_redoes_a_shard_whose_input_changed_or_whose_marker_is_damaged(tmp_path: Path) -> None:
+    make_tree(tmp_path / "in", {f"a/{i}.flac": 25_000 for i in range(6)})
+    assert pk.pack(str(tmp_path / "in"), str(tmp_path / "sh"), shard_size=SHARD).ok
+    assert pk.unpack(str(tmp_path / "sh"), str(tmp_path / "out")).ok
+    members = [("000000.flac", b"protected again"), ("000000.json", pk.record_bytes("a/0.flac"))]
+    (tmp_path / "sh" / "shard-000000.tar").write_bytes(build_tar(members))  # re-protected: new size
+    (tmp_path / "out" / pk.UNPACK_DIR / "shard-000002.json").write_text("{not json")
+    summary = pk.unpack(str(tmp_path / "sh"), str(tmp_path / "out"))
+    assert summary.ok and [s.skipped for s in summary.shards] == [False, True, False]
+    assert (tmp_path / "out" / "a" / "0.flac").read_bytes() == b"protected again"
+    (
+        tmp_path / "sh" / pk.PACK_DIR / next(p.name for p in (tmp_path / "sh" / pk.PACK_DIR).glob("shard-000001.*"))
+    ).write_text("")
+    again = pk.pack(str(tmp_path / "in"), str(tmp_path / "sh"))
+    assert again.ok and [s.skipped for s in again.shards] == [True, False, True]
