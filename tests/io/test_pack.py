@@ -200,24 +200,32 @@ import os, signal, sys
 from pipeline.io import output, pack
 real, count = output.OutputFolder._move, [0]
 def move(self, tmp, final):
-    if final.endswith(".tar"):
+    if final.endswith(sys.argv[2]):
         count[0] += 1
-        if count[0] == 3:  # the third shard is in _tmp/, not yet in place
+        if count[0] == 3:  # the third shard (pack) or file (unpack) is in _tmp/, not yet in place
             os.kill(os.getpid(), signal.SIGKILL)
     real(self, tmp, final)
 output.OutputFolder._move = move
-pack.pack(sys.argv[1], sys.argv[2], shard_size=65536)
+if sys.argv[1] == "pack":
+    pack.pack(sys.argv[3], sys.argv[4], shard_size=65536)
+else:
+    pack.unpack(sys.argv[3], sys.argv[4], threads=1)
 """
 
 
-def test_sigkill_during_pack_then_rerun_packs_every_file_once(tmp_path: Path) -> None:
+def killed(command: str, suffix: str, source: Path, target: Path) -> None:
+    """Run pack or unpack in a subprocess that SIGKILLs itself at the third move of a `suffix` file."""
+    argv = [sys.executable, "-c", _KILLER, command, suffix, str(source), str(target)]
+    run = subprocess.run(argv, cwd=REPO, capture_output=True, timeout=60)
+    assert run.returncode == -signal.SIGKILL, run.stderr.decode()
+    assert (target / TMP_DIR).exists() and (target / LEASE_NAME).exists()
+
+
+def test_sigkill_during_pack_and_unpack_then_rerun_every_file_once(tmp_path: Path) -> None:
     files = make_tree(tmp_path / "in", {f"Artist {i % 3}/{i:02d}. Song.flac": 20_000 for i in range(14)})
     shards = tmp_path / "sh"
-    run = subprocess.run(
-        [sys.executable, "-c", _KILLER, str(tmp_path / "in"), str(shards)], cwd=REPO, capture_output=True, timeout=60
-    )
-    assert run.returncode == -signal.SIGKILL, run.stderr.decode()
-    assert len(list(shards.glob("shard-*.tar"))) == 2 and (shards / TMP_DIR).exists() and (shards / LEASE_NAME).exists()
+    killed("pack", ".tar", tmp_path / "in", shards)
+    assert len(list(shards.glob("shard-*.tar"))) == 2
     first = {p.name: p.stat().st_mtime_ns for p in shards.glob("shard-*.tar")}
     summary = pk.pack(str(tmp_path / "in"), str(shards))  # shard size from the plan
     assert summary.ok and [s.skipped for s in summary.shards][:2] == [True, True]
@@ -225,6 +233,15 @@ def test_sigkill_during_pack_then_rerun_packs_every_file_once(tmp_path: Path) ->
     assert {n: (shards / n).stat().st_mtime_ns for n in first} == first  # finished shards untouched
     assert shard_paths(shards) == Counter(list(files))
     assert not (shards / TMP_DIR).exists() and not (shards / LEASE_NAME).exists()
+
+    out = tmp_path / "out"
+    killed("unpack", ".flac", shards, out)
+    assert [p.name for p in (out / pk.UNPACK_DIR).iterdir()] == ["shard-000000.json"]  # 2 files, then killed
+    back = pk.unpack(str(shards), str(out))
+    assert back.ok and [s.skipped for s in back.shards][:2] == [True, False]
+    assert sum(s.files for s in back.shards) == len(files)
+    assert tree_bytes(out) == files
+    assert not (out / TMP_DIR).exists() and not (out / LEASE_NAME).exists()
 
 
 def test_a_changed_tree_is_refused_and_overwrite_replans(tmp_path: Path) -> None:
