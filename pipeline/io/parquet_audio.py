@@ -17,12 +17,11 @@ import pyarrow.parquet as pq
 
 from pipeline.io.shards import Sample, ShardRef
 from pipeline.io.storage import (
-    ACCESS_DENIED,
-    CREDENTIALS_HINT,
     ShardError,
     describe_storage_error,
     filesystem,
     is_transient,
+    listing,
     with_retries,
 )
 from pipeline.io.tree import reserved_reason, unit_id
@@ -45,15 +44,9 @@ def list_parquet(input_url: str, storage_options: Mapping[str, Any] | None = Non
         if path.endswith(".parquet"):
             found, root = [path], posixpath.dirname(path)
         else:
-            found, root = with_retries(lambda: sorted(fs.find(path)), f"list {input_url}"), path
-    except PermissionError as exc:
-        raise ShardError(f"{ACCESS_DENIED}: cannot list {input_url}: {exc} ({CREDENTIALS_HINT})") from exc
+            found, root = listing(lambda: sorted(fs.find(path)), input_url), path
     except FileNotFoundError as exc:
         raise ShardError(f"input not found: {input_url}") from exc
-    except Exception as exc:
-        if not (isinstance(exc, OSError) or is_transient(exc)):
-            raise
-        raise ShardError(describe_storage_error(exc, f"cannot list {input_url}")) from exc
     refs = []
     for full in found:
         rel = str(full)[len(root) :].lstrip("/")

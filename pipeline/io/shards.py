@@ -16,8 +16,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pipeline.io.storage import (
-    ACCESS_DENIED,
-    CREDENTIALS_HINT,
     DEFAULT_RETRY,
     UNREADABLE_TAR,
     RetryPolicy,
@@ -25,6 +23,7 @@ from pipeline.io.storage import (
     describe_storage_error,
     filesystem,
     is_transient,
+    listing,
     with_retries,
 )
 
@@ -102,15 +101,9 @@ def list_shards(input_url: str, storage_options: Mapping[str, Any] | None = None
         fs, path = filesystem(pattern, storage_options)
         protocol = pattern.split("://", 1)[0] + "://" if "://" in pattern else ""
         try:
-            found = with_retries(lambda fs=fs, path=path: _expand(fs, path), f"list {pattern}")
+            found = listing(lambda fs=fs, path=path: _expand(fs, path), pattern)
         except FileNotFoundError:
             found = []
-        except PermissionError as exc:
-            raise ShardError(f"{ACCESS_DENIED}: cannot list {pattern}: {exc} ({CREDENTIALS_HINT})") from exc
-        except Exception as exc:
-            if not (isinstance(exc, OSError) or is_transient(exc)):
-                raise
-            raise ShardError(describe_storage_error(exc, f"cannot list {pattern}")) from exc
         if found is None:
             missing.append(pattern)
             continue

@@ -194,6 +194,26 @@ def describe_storage_error(exc: BaseException, what: str) -> str:
     return f"{STORAGE_ERROR}: {what}: {reason}"
 
 
+def listing(fn: Callable[[], T], url: str) -> T:
+    """Run a listing of `url` with retries; FileNotFoundError passes through, every other storage
+    failure becomes a ShardError naming the URL (access denied with the credentials hint).
+
+    Raises:
+        FileNotFoundError: nothing at `url`.
+        ShardError: access denied, storage unavailable after the retries, other storage errors.
+    """
+    try:
+        return with_retries(fn, f"list {url}")
+    except FileNotFoundError:
+        raise
+    except PermissionError as exc:
+        raise ShardError(f"{ACCESS_DENIED}: cannot list {url}: {exc} ({CREDENTIALS_HINT})") from exc
+    except Exception as exc:
+        if not (isinstance(exc, OSError) or is_transient(exc)):
+            raise
+        raise ShardError(describe_storage_error(exc, f"cannot list {url}")) from exc
+
+
 def filesystem(url: str, storage_options: Mapping[str, Any] | None = None) -> tuple[Any, str]:
     """(fsspec filesystem, path) for a URL; storage options apply to s3:// only."""
     options = dict(storage_options or {}) if url.startswith(("s3://", "s3a://")) else {}

@@ -16,14 +16,13 @@ from typing import Any
 
 from pipeline.io.shards import Sample, unsafe_name_reason
 from pipeline.io.storage import (
-    ACCESS_DENIED,
-    CREDENTIALS_HINT,
     ShardError,
     describe_storage_error,
     filesystem,
     fingerprint_of,
     is_transient,
     join,
+    listing,
     with_retries,
 )
 
@@ -50,13 +49,9 @@ def detect_layout(input_url: str, storage_options: Mapping[str, Any] | None = No
         return "parquet"
     fs, path = filesystem(input_url, storage_options)
     try:
-        top = with_retries(lambda: fs.ls(path.rstrip("/"), detail=False), f"list {input_url}")
+        top = listing(lambda: fs.ls(path.rstrip("/"), detail=False), input_url)
     except FileNotFoundError as exc:
         raise ShardError(f"input not found: {input_url}") from exc
-    except Exception as exc:
-        if not (isinstance(exc, OSError) or is_transient(exc)):
-            raise
-        raise ShardError(describe_storage_error(exc, f"cannot list {input_url}")) from exc
     names = [str(n) for n in top]
     if any(n.endswith(".tar") for n in names):
         return "shards"
@@ -83,15 +78,9 @@ def list_tree(root: str, storage_options: Mapping[str, Any] | None = None) -> li
     fs, path = filesystem(root, storage_options)
     path = path.rstrip("/")
     try:
-        found = with_retries(lambda: fs.find(path, detail=True, withdirs=False), f"list {root}")
+        found = listing(lambda: fs.find(path, detail=True, withdirs=False), root)
     except FileNotFoundError:
         found = {}
-    except PermissionError as exc:
-        raise ShardError(f"{ACCESS_DENIED}: cannot list {root}: {exc} ({CREDENTIALS_HINT})") from exc
-    except Exception as exc:
-        if not (isinstance(exc, OSError) or is_transient(exc)):
-            raise
-        raise ShardError(describe_storage_error(exc, f"cannot list {root}")) from exc
     files = []
     for full, info in found.items():
         if info.get("type", "file") != "file":
