@@ -68,6 +68,7 @@ def build_protector(cfg: PipelineConfig, encoders: list[LoadedEncoder] | None = 
         sigma=a.sigma,
         target_delta_e=a.target_delta_e,
         precision=resolve_precision(a.precision, encoders[0].device),
+        fixed_shape=a.fixed_shape,
     )
     return TrackProtector(
         encoders,

@@ -120,6 +120,9 @@ class AttackConfig:
     # δ only below this (Hz): what the conditioner sees (CLAP's mel stops at 14 kHz; MusicLDM keeps
     # 8 kHz). δ above it buys no Δe and costs quality. None: the whole band.
     passband_hz: float | None = 14000.0
+    # Every step runs the whole batch (finished windows masked, not dropped): no host round trip per
+    # step, so a CUDA graph / torch.compile can capture it. Same δ as the default (tests/core/test_engine.py).
+    fixed_shape: bool = False
 
 
 @dataclass(frozen=True)

@@ -49,6 +49,21 @@ def test_protect_array_is_the_job_s_protector(cfg, protector) -> None:
     np.testing.assert_array_equal(protected, direct.samples)
 
 
+def test_fixed_shape_steps_protect_the_same(cfg, protector) -> None:
+    """attack.fixed_shape reaches the engine through the config (the spectral method here; the
+    engine tests compare both methods' loops) and gives the default's samples."""
+    clip = synthesize(1.75, 16_000, 1, 100, 330.0)  # two 1 s windows in one batch
+    tracks = [Track("same", clip, 16_000, "PCM_16")]
+    settings = {**FAST, "audio": {"window_seconds": 1.0, "overlap_seconds": 0.25}}
+    default = build_protector(config_from_dict(settings), protector.encoders)
+    settings["attack"] = {**FAST["attack"], "fixed_shape": True}
+    fixed = build_protector(config_from_dict(settings), protector.encoders)
+    assert fixed.params.fixed_shape and not default.params.fixed_shape
+    [a], [b] = default.protect(tracks), fixed.protect(tracks)
+    np.testing.assert_allclose(b.samples, a.samples, rtol=0, atol=1e-6)
+    assert abs(a.delta_e_mean - b.delta_e_mean) < 1e-5
+
+
 def test_bad_arrays_are_refused(protector) -> None:
     with pytest.raises(ValueError, match="samples must be"):
         protect_array(np.zeros((0, 2), np.float32), 16_000, protector=protector)

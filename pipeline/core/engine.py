@@ -16,6 +16,12 @@ The whole method in one function, :func:`pgd`:
 [b, D]; it owns every preprocessing step (down-mix, resampling, padding), so δ lives in the
 input's own domain. `rows` (int64 [b]) says which windows are present once early stop shrinks
 the batch, for per-window preprocessing such as padding by length.
+
+`fixed_shape=True` (both methods) runs every step on the whole batch instead: a finished window's
+δ, best and optimiser state are kept by masks (`torch.where`), `rows` is always every window, and
+the loop looks at the host only once every FIXED_SHAPE_CHECK_EVERY steps (to stop when all are
+done): a static shape without a sync per step, which CUDA graphs / torch.compile can capture.
+It gives the same δ as the default loop (tests/core/test_engine.py).
 """
 
 from __future__ import annotations
@@ -47,6 +53,9 @@ class PGDParams:
     target_delta_e: float = float("inf")  # a window stops once its Δe reaches this
     precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast; fp16 uses a constant loss scale)
     loss_scale: float = 1024.0  # fp16 only: keeps small gradients from underflowing (signs unchanged)
+    # Every step runs the whole batch, finished windows masked instead of dropped: no nonzero(), no
+    # host round trip per step (a CUDA graph / torch.compile can capture it); same δ as the default.
+    fixed_shape: bool = False
 
 
 @dataclass
@@ -105,6 +114,35 @@ class _Best:
             self.capped_share[chosen] = removed / raw[better].detach().pow(2).sum(dim=(1, 2)).clamp(min=1e-20)
         return delta_e.detach()
 
+    def record_all(
+        self, adv: torch.Tensor, candidate: torch.Tensor, live: torch.Tensor, raw: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Fixed shape: score `candidate` δ of every window; keep improvements of `live` windows
+        ([B] bool) only, by masking (no data-dependent indexing); return every window's Δe."""
+        delta_e = self.distance(adv, self.clean).detach()
+        better = (delta_e > self.delta_e) & live
+        rows = better.view(-1, *([1] * (candidate.ndim - 1)))
+        self.delta = torch.where(rows, candidate.detach(), self.delta)
+        self.delta_e = torch.where(better, delta_e, self.delta_e)
+        cos = torch.nn.functional.cosine_similarity(adv, self.clean, dim=-1)
+        if cos.ndim > 1:
+            cos = cos.mean(dim=1)
+        self.cos = torch.where(better, cos.detach(), self.cos)
+        if raw is not None:
+            removed = (raw - candidate).detach().pow(2).sum(dim=(1, 2))
+            share = removed / raw.detach().pow(2).sum(dim=(1, 2)).clamp(min=1e-20)
+            self.capped_share = torch.where(better, share, self.capped_share)
+        return delta_e
+
+
+# Fixed-shape loops look at the host once every this many steps (all windows at the target: stop).
+FIXED_SHAPE_CHECK_EVERY = 8
+
+
+def _rows(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A [B] mask shaped to broadcast over `like` [B, ...]."""
+    return mask.view(-1, *([1] * (like.ndim - 1)))
+
 
 def pgd(
     embed: EmbedFn,
@@ -151,6 +189,26 @@ def pgd(
     steps_run = torch.zeros(batch, dtype=torch.int64, device=device)
     active = torch.ones(batch, dtype=torch.bool, device=device)
     scale = params.loss_scale if params.precision == "fp16" else 1.0
+
+    if params.fixed_shape:
+        for step in range(params.steps):
+            if step % FIXED_SHAPE_CHECK_EVERY == 0 and step and not bool(active.any()):
+                break
+            current = delta.clone().requires_grad_(True)
+            with _autocast(device, params.precision):
+                adv = embed(x + current, every).float()
+            (grad,) = torch.autograd.grad(distance(adv, clean).sum() * scale, current)
+            scored = best.record_all(adv.detach(), current, active)
+            steps_run += active.long()
+            active = active & (scored < params.target_delta_e)
+            stepped = delta + params.alpha * torch.nan_to_num(grad).sign()
+            if constrain is not None:
+                stepped = constrain(stepped, every)
+            delta = torch.where(_rows(active, delta), project(stepped, x, params.eps) * keep, delta)
+        with torch.no_grad(), _autocast(device, params.precision):
+            adv = embed(x + delta, every).float()
+        best.record_all(adv, delta, active)
+        return PGDResult(delta=best.delta, delta_e=best.delta_e, cos=best.cos, steps=steps_run, clean_embedding=clean)
 
     for _ in range(params.steps):
         index = active.nonzero().squeeze(1)
@@ -206,6 +264,7 @@ class SpectralParams:
     hop: int = 512
     target_delta_e: float = float("inf")
     precision: str = "fp32"
+    fixed_shape: bool = False  # as PGDParams.fixed_shape
 
 
 def spectrum_from_weights(weights: torch.Tensor, budget: torch.Tensor) -> torch.Tensor:
@@ -252,7 +311,6 @@ def spectral_attack(
     weights = noise.to(device=device, dtype=torch.float32) * params.init_scale
     first_moment = torch.zeros_like(weights)
     second_moment = torch.zeros_like(weights)
-    beta1, beta2 = 0.9, 0.999
 
     def synthesize(w: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(capped δ, uncapped δ) [b, C, samples] of weights `w` for windows `rows`."""
@@ -277,6 +335,46 @@ def spectral_attack(
     best = _Best(torch.zeros_like(x), clean, distance)
     steps_run = torch.zeros(batch, dtype=torch.int64, device=device)
     active = torch.ones(batch, dtype=torch.bool, device=device)
+    beta1, beta2 = 0.9, 0.999
+
+    def adam_step(step: int, grad: torch.Tensor, m: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Adam ascent with a cosine-decayed step size: (weight increment, new m, new v)."""
+        m = beta1 * m + (1 - beta1) * grad
+        v = beta2 * v + (1 - beta2) * grad.square()
+        lr = params.lr * (0.55 + 0.45 * math.cos(math.pi * step / max(1, params.steps)))
+        step_size = lr * math.sqrt(1 - beta2 ** (step + 1)) / (1 - beta1 ** (step + 1))
+        return step_size * m / (v.sqrt() + 1e-8), m, v
+
+    if params.fixed_shape:
+        for step in range(params.steps):
+            if step % FIXED_SHAPE_CHECK_EVERY == 0 and step and not bool(active.any()):
+                break
+            current = weights.clone().requires_grad_(True)
+            delta, raw = synthesize(current, every)
+            with _autocast(device, params.precision):
+                adv = embed(x + delta, every).float()
+            (grad,) = torch.autograd.grad(distance(adv, clean).sum(), current)
+            scored = best.record_all(adv.detach(), delta, active, raw)
+            steps_run += active.long()
+            active = active & (scored < params.target_delta_e)
+            increment, m, v = adam_step(step, torch.nan_to_num(grad), first_moment, second_moment)
+            moving = _rows(active, weights)
+            first_moment = torch.where(moving, m, first_moment)
+            second_moment = torch.where(moving, v, second_moment)
+            weights = torch.where(moving, weights + increment, weights)
+        with torch.no_grad():
+            delta, raw = synthesize(weights, every)
+            with _autocast(device, params.precision):
+                adv = embed(x + delta, every).float()
+            best.record_all(adv, delta, active, raw)
+        return PGDResult(
+            delta=best.delta,
+            delta_e=best.delta_e,
+            cos=best.cos,
+            steps=steps_run,
+            clean_embedding=clean,
+            capped_share=best.capped_share,
+        )
 
     for step in range(params.steps):
         index = active.nonzero().squeeze(1)
@@ -294,13 +392,9 @@ def spectral_attack(
         active[index[reached]] = False
         moving = index[~reached]
         # Adam ascent (per window; finished windows keep their state), cosine-decayed step size.
-        grad = torch.nan_to_num(grad[~reached])
-        t = step + 1
-        first_moment[moving] = beta1 * first_moment[moving] + (1 - beta1) * grad
-        second_moment[moving] = beta2 * second_moment[moving] + (1 - beta2) * grad.square()
-        lr = params.lr * (0.55 + 0.45 * math.cos(math.pi * step / max(1, params.steps)))
-        step_size = lr * math.sqrt(1 - beta2**t) / (1 - beta1**t)
-        weights[moving] += step_size * first_moment[moving] / (second_moment[moving].sqrt() + 1e-8)
+        increment, m, v = adam_step(step, torch.nan_to_num(grad[~reached]), first_moment[moving], second_moment[moving])
+        first_moment[moving], second_moment[moving] = m, v
+        weights[moving] += increment
 
     index = active.nonzero().squeeze(1)
     if index.numel() > 0:

@@ -291,6 +291,7 @@ class TrackProtector:
                 hop=self.masking.hop,
                 target_delta_e=self.params.target_delta_e,
                 precision=self.params.precision,
+                fixed_shape=self.params.fixed_shape,
             )
             return spectral_attack(embed, x, budget, params, noise=noise, mask=mask, distance=self.distance)
         noise = torch.stack([torch.randn(x.shape[1:], generator=g) for g in generators])

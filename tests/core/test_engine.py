@@ -156,3 +156,60 @@ def test_pgd_beats_uniform_noise_on_random_clap(tiny_encoder) -> None:
     assert result.delta.abs().max().item() <= f32(eps)
     assert result.delta_e.item() > 10 * noise_delta_e
     assert result.delta_e.item() > 0.05
+
+
+def _both_shapes(run) -> tuple:
+    """`run(fixed_shape)` -> PGDResult, for the default and the fixed-shape loop."""
+    return run(False), run(True)
+
+
+def test_fixed_shape_pgd_gives_the_same_result() -> None:
+    """The fixed-shape loop (finished windows masked, never dropped) finds the same δ, Δe, cosine
+    and step counts as the default loop, early stop and a constraint included; every embed call
+    sees the whole batch (a static shape a CUDA graph can capture)."""
+    x = _x(batch=6)
+    encoder = StubEncoder(256)
+    shapes: dict[bool, set[int]] = {False: set(), True: set()}
+
+    def run(fixed: bool):
+        def embed(rows_x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+            shapes[fixed].add(rows_x.shape[0])
+            return encoder(rows_x, rows)
+
+        def halve_odd_samples(delta: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+            out = delta.clone()
+            out[:, 1::2] *= 0.5
+            return out
+
+        # Δe targets the windows reach at different steps (measured below: some stop early, some never).
+        params = PGDParams(eps=0.03, alpha=0.006, steps=20, sigma=0.01, target_delta_e=0.2, fixed_shape=fixed)
+        return pgd(embed, x, params, generator=torch.Generator().manual_seed(0), constrain=halve_odd_samples)
+
+    dynamic, fixed = _both_shapes(run)
+    assert len(set(dynamic.steps.tolist())) > 1 and (dynamic.steps < 20).any()  # early stop happened
+    assert torch.equal(dynamic.steps, fixed.steps)
+    torch.testing.assert_close(fixed.delta, dynamic.delta, rtol=0, atol=1e-6)
+    torch.testing.assert_close(fixed.delta_e, dynamic.delta_e, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(fixed.cos, dynamic.cos, rtol=1e-5, atol=1e-6)
+    assert shapes[True] == {6} and len(shapes[False]) > 1
+
+
+def test_fixed_shape_spectral_attack_gives_the_same_result() -> None:
+    from pipeline.core.engine import SpectralParams, spectral_attack
+
+    g = torch.Generator().manual_seed(3)
+    x = (torch.rand(4, 1, 1024, generator=g) * 2 - 1) * 0.5
+    budget = torch.rand(4, 1, 129, 17, generator=g) * 0.01
+    noise = torch.randn(4, 1, 129, 17, 2, generator=g)
+    encoder = StubEncoder(1024)
+
+    def run(fixed: bool):
+        params = SpectralParams(eps=0.02, steps=12, lr=0.2, n_fft=256, hop=64, target_delta_e=0.08, fixed_shape=fixed)
+        return spectral_attack(encoder, x, budget, params, noise=noise)
+
+    dynamic, fixed = _both_shapes(run)
+    assert (dynamic.steps < 12).any() and len(set(dynamic.steps.tolist())) > 1
+    assert torch.equal(dynamic.steps, fixed.steps)
+    torch.testing.assert_close(fixed.delta, dynamic.delta, rtol=0, atol=1e-6)
+    torch.testing.assert_close(fixed.delta_e, dynamic.delta_e, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(fixed.capped_share, dynamic.capped_share, rtol=1e-4, atol=1e-6)
