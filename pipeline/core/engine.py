@@ -114,6 +114,11 @@ class _Best:
             self.capped_share[chosen] = removed / raw[better].detach().pow(2).sum(dim=(1, 2)).clamp(min=1e-20)
         return delta_e.detach()
 
+    def result(self, steps: torch.Tensor, with_capped_share: bool = True) -> PGDResult:
+        """The PGDResult of the best δ per window, after `steps` [B] steps."""
+        share = self.capped_share if with_capped_share else None
+        return PGDResult(self.delta, self.delta_e, self.cos, steps, self.clean, capped_share=share)
+
     def record_all(
         self, adv: torch.Tensor, candidate: torch.Tensor, live: torch.Tensor, raw: torch.Tensor | None = None
     ) -> torch.Tensor:
@@ -208,7 +213,7 @@ def pgd(
         with torch.no_grad(), _autocast(device, params.precision):
             adv = embed(x + delta, every).float()
         best.record_all(adv, delta, active)
-        return PGDResult(delta=best.delta, delta_e=best.delta_e, cos=best.cos, steps=steps_run, clean_embedding=clean)
+        return best.result(steps_run, with_capped_share=False)
 
     for _ in range(params.steps):
         index = active.nonzero().squeeze(1)
@@ -236,7 +241,7 @@ def pgd(
             adv = embed(x[index] + delta[index], index).float()
         best.record(index, adv, delta[index])
 
-    return PGDResult(delta=best.delta, delta_e=best.delta_e, cos=best.cos, steps=steps_run, clean_embedding=clean)
+    return best.result(steps_run, with_capped_share=False)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -367,14 +372,7 @@ def spectral_attack(
             with _autocast(device, params.precision):
                 adv = embed(x + delta, every).float()
             best.record_all(adv, delta, active, raw)
-        return PGDResult(
-            delta=best.delta,
-            delta_e=best.delta_e,
-            cos=best.cos,
-            steps=steps_run,
-            clean_embedding=clean,
-            capped_share=best.capped_share,
-        )
+        return best.result(steps_run)
 
     for step in range(params.steps):
         index = active.nonzero().squeeze(1)
@@ -403,12 +401,4 @@ def spectral_attack(
             with _autocast(device, params.precision):
                 adv = embed(x[index] + delta, index).float()
             best.record(index, adv, delta, raw)
-
-    return PGDResult(
-        delta=best.delta,
-        delta_e=best.delta_e,
-        cos=best.cos,
-        steps=steps_run,
-        clean_embedding=clean,
-        capped_share=best.capped_share,
-    )
+    return best.result(steps_run)
