@@ -37,7 +37,12 @@ SECRET_NAME = "unlearnable-s3-credentials"
 CONFIG_MOUNT = "/etc/unlearnable"
 CONFIG_SECTIONS = {"io", "encoder", "attack", "runtime"}
 
-OVERLAYS = sorted(p.name for p in (K8S / "overlays").iterdir() if (p / "kustomization.yaml").is_file())
+SERVICE_OVERLAY = "service"  # the ingest RayService (checked in its own section below), not a RayJob
+OVERLAYS = sorted(
+    p.name
+    for p in (K8S / "overlays").iterdir()
+    if (p / "kustomization.yaml").is_file() and p.name != SERVICE_OVERLAY
+)
 GPU_OVERLAYS = [o for o in OVERLAYS if o.startswith("gpu-")]
 TARGETS = ["base", *OVERLAYS]
 
@@ -483,3 +488,90 @@ def test_dockerfile_pins_and_user():
         assert str(template["spec"]["securityContext"]["runAsUser"]) == uid
     ignored = (ROOT / ".dockerignore").read_text().split()
     assert ".venv" in ignored and ".git" in ignored
+
+
+# --------------------------------------------------------------------------- ingest service (RayService)
+
+
+def _service_templates(docs: list[dict]) -> dict[str, dict]:
+    cluster = one(docs, "RayService")["spec"]["rayClusterConfig"]
+    out = {"head": cluster["headGroupSpec"]["template"]}
+    for group in cluster["workerGroupSpecs"]:
+        out[f"worker:{group['groupName']}"] = group["template"]
+    return out
+
+
+def test_service_overlay_passes_strict_schemas():
+    docs = render(SERVICE_OVERLAY)
+    assert {d["kind"] for d in docs} == {"RayService", "PodMonitor", "ConfigMap"}
+    result = run_validator(docs)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("typo", ["workerGroupSpec", "readinessProbes"])
+def test_service_overlay_typo_fails_validation(typo):
+    docs = render(SERVICE_OVERLAY)
+    cluster = one(docs, "RayService")["spec"]["rayClusterConfig"]
+    if typo == "workerGroupSpec":
+        _rename(cluster, "workerGroupSpecs", typo)
+    else:
+        _rename(cluster["workerGroupSpecs"][0]["template"]["spec"]["containers"][0], "readinessProbe", typo)
+    result = run_validator(docs)
+    assert result.returncode != 0 and typo in result.stdout, result.stdout
+
+
+def test_service_workers_are_ready_on_readyz_and_hold_gpus():
+    docs = render(SERVICE_OVERLAY)
+    serve_config = yaml.safe_load(one(docs, "RayService")["spec"]["serveConfigV2"])
+    port = serve_config["http_options"]["port"]
+    for role, template in _service_templates(docs).items():
+        container = template["spec"]["containers"][0]
+        assert {"name": "serve", "containerPort": port} in container["ports"], role
+        assert container["image"].rsplit(":", 1)[0] == IMAGE
+        if role.startswith("worker"):
+            probe = container["readinessProbe"]["httpGet"]
+            assert (probe["path"], probe["port"]) == ("/readyz", port), role
+            assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
+            assert _gpus(container) >= 1
+
+
+def test_service_token_and_credentials_come_from_secrets():
+    docs = render(SERVICE_OVERLAY)
+    assert not [d for d in docs if d["kind"] == "Secret"]
+    assert not _AWS_KEY_ID.search(yaml.safe_dump_all(docs))
+    for role, template in _service_templates(docs).items():
+        env = {e["name"]: e for e in template["spec"]["containers"][0].get("env") or []}
+        for name, entry in env.items():
+            if _SECRET_ENV.search(name):
+                assert "value" not in entry and "secretKeyRef" in entry["valueFrom"], (role, name)
+        ref = env["UNLEARNABLE_API_TOKEN"]["valueFrom"]["secretKeyRef"]
+        assert ref == {"name": "unlearnable-api-token", "key": "UNLEARNABLE_API_TOKEN"}, role
+
+
+def test_service_application_and_config():
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    from pipeline.config import config_from_dict
+
+    docs = render(SERVICE_OVERLAY)
+    service = one(docs, "RayService")
+    serve_config = yaml.safe_load(service["spec"]["serveConfigV2"])
+    assert serve_config["http_options"]["host"] == "0.0.0.0"
+    [application] = serve_config["applications"]
+    assert application["import_path"] == "pipeline.service.app:app_builder"
+    assert application["route_prefix"] == "/"
+    config_path = Path(application["args"]["config"])
+    names = set()
+    for template in _service_templates(docs).values():
+        spec = template["spec"]
+        mount = next(m for m in spec["containers"][0]["volumeMounts"] if m["mountPath"] == str(config_path.parent))
+        assert mount["readOnly"] is True
+        names.add(next(v for v in spec["volumes"] if v["name"] == mount["name"])["configMap"]["name"])
+    [name] = names  # every pod mounts the same ConfigMap
+    cm = next(d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"] == name)
+    cfg = config_from_dict(yaml.safe_load(cm["data"][config_path.name]))
+    assert not cfg.encoder.checkpoint.startswith("random:")
+    workers = service["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]
+    worker_gpus = _gpus(workers["template"]["spec"]["containers"][0])
+    assert 1 <= cfg.service.num_gpus_per_replica <= worker_gpus
+    assert cfg.service.num_replicas * cfg.service.num_gpus_per_replica <= workers["maxReplicas"] * worker_gpus
