@@ -11,12 +11,13 @@ own queue `service.max_queued_requests` is full), 504 (`service.request_timeout_
 in one request is answered as a 500 and never reaches the replica: it keeps serving.
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations` here: FastAPI reads the route signatures (Request) at
+# runtime through Serve's ingress wrapper, where string annotations are not resolved.
 import asyncio
 import logging
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import torch
@@ -85,6 +86,9 @@ class ProtectService:
             cfg.attack.target_delta_e,
         )
         self.pending = 0
+        # one thread runs every PGD call: batches never overlap, and their tensors come from one
+        # malloc arena (threads of the default pool would each grow their own)
+        self.pgd_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pgd")
         self.batch_protect.set_max_batch_size(cfg.service.max_batch_uploads)
         self.batch_protect.set_batch_wait_timeout_s(cfg.service.batch_wait_s)
         self.ready = True
@@ -101,7 +105,8 @@ class ProtectService:
         event loop keeps answering /healthz and refusals meanwhile)."""
         self.metrics.batch.observe(len(uploads))
         try:
-            return await asyncio.to_thread(self.protector.protect, uploads)
+            loop = asyncio.get_running_loop()
+            return await loop.run_in_executor(self.pgd_thread, self.protector.protect, uploads)
         except Exception:  # a whole batch failed: every upload in it gets a 500, the replica lives
             logger.exception("a batch of %d upload(s) failed", len(uploads))
             return [UploadRejected(500, "internal", "protection failed on this batch") for _ in uploads]
