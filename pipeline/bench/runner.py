@@ -55,6 +55,8 @@ QUICK = {
     "pipeline_precisions": None,  # bf16 where native, else fp32
     "pipeline_repeats": 1,
 }
+# Sections run only when named in --parts (they start services of their own).
+OPT_IN_PARTS = ("service",)
 FULL = {
     "amodels": ["HTSAT-tiny", "HTSAT-base"],
     "steps": 5,
@@ -102,6 +104,7 @@ def run_benchmark(settings: BenchSettings, command: str = "") -> BenchReport:
         ("memory", _run_memory),
         ("ensemble", _run_ensemble),
         ("gpu", _run_gpu),
+        ("service", _run_service),
     ):
         if part in parts:
             run_part(settings, report, device)
@@ -192,6 +195,14 @@ def _run_gpu(settings: BenchSettings, report: BenchReport, device: str) -> None:
         warmup=settings.warmup,
     )
     report.gpu_note = f"GPU: {torch.cuda.get_device_name(0)}"
+
+
+def _run_service(settings: BenchSettings, report: BenchReport, device: str) -> None:
+    from pipeline.bench.service import bench_service  # Ray Serve only when the section runs
+
+    with cpu_meter("service", report.contention):
+        result = bench_service()
+    report.notes.append("Ingest service (pipeline/bench/service.py, docs/service.md):\n\n" + result.markdown())
 
 
 def _csv(kind: type) -> Callable[[str], list[Any]]:
@@ -317,7 +328,7 @@ def settings_from_args(args: argparse.Namespace) -> BenchSettings:
         precision_note=precision_note if args.precisions is None else "",
     )
     bad = [p for p in (*settings.precisions, *settings.pipeline_precisions) if p not in ("fp32", "bf16", "fp16")]
-    unknown = [p for p in settings.parts if p not in PARTS]
+    unknown = [p for p in settings.parts if p not in (*PARTS, *OPT_IN_PARTS)]
     unknown += [p for p in settings.pipeline_placements if p not in PLACEMENTS]
     unknown += [m for m in settings.gpu_modes if m not in GPU_MODES]
     if (
