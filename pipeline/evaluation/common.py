@@ -18,7 +18,7 @@ from pipeline.core.views import musicldm
 from pipeline.encoders.base import ClapView
 from pipeline.encoders.load import load_configured_encoder
 from pipeline.io.output import OutputFolder
-from pipeline.io.shards import read_samples
+from pipeline.io.pairs import read_pairs
 from pipeline.records import SampleStatus
 
 
@@ -40,7 +40,8 @@ class Embedder:
 
 def sample_pairs(protected_url: str, clean_url: str, storage_options: dict, count: int, seed: int):
     """Up to `count` (shard_id, key, clean bytes, protected bytes) of ok items, sampled by seed;
-    `clean_url` is the folder of the input shards (same shard names as the outputs)."""
+    `clean_url` is the run's input: the folder of the input shards (same shard names as the
+    outputs), the tree's root, or the dataset's root (pipeline.io.pairs.read_pairs)."""
     out = OutputFolder(protected_url, storage_options)
     candidates: list[tuple[str, str, str, str]] = []
     for shard_id in sorted(out.completed()):
@@ -54,15 +55,11 @@ def sample_pairs(protected_url: str, clean_url: str, storage_options: dict, coun
     by_shard: dict[str, list[tuple[str, str, str]]] = {}
     for shard_id, key, input_member, output_member in chosen:
         by_shard.setdefault(shard_id, []).append((key, input_member, output_member))
-    clean_root = clean_url.rstrip("/")
     for shard_id, items in sorted(by_shard.items()):
-        clean_samples, _ = read_samples(f"{clean_root}/{shard_id}.tar", storage_options)
-        prot_samples, _ = read_samples(out.url + f"/{shard_id}.tar", storage_options)
-        clean_members = {n: d for s in clean_samples for n, d in zip(s.names, s.data)}
-        prot_members = {n: d for s in prot_samples for n, d in zip(s.names, s.data)}
+        found = read_pairs(out, shard_id, clean_url, [(i, o) for _, i, o in items], storage_options)
         for key, input_member, output_member in items:
-            if input_member in clean_members and output_member in prot_members:
-                yield shard_id, key, clean_members[input_member], prot_members[output_member]
+            if (input_member, output_member) in found:
+                yield shard_id, key, *found[(input_member, output_member)]
 
 
 def write_outputs(rows: list[dict], out_dir: str, storage_options: dict, table: str, stem: str) -> None:

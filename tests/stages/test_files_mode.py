@@ -21,6 +21,7 @@ import soundfile as sf
 
 from pipeline.config import ConfigError, config_from_dict
 from pipeline.demo import synthesize
+from pipeline.evaluation.common import sample_pairs
 from pipeline.io.audio import decode, ffmpeg_encode
 from pipeline.io.parquet_audio import read_parquet_samples
 from pipeline.io.tree import UNIT_PREFIX, detect_layout, read_unit
@@ -175,6 +176,12 @@ def test_writer_mirrors_the_tree(tmp_path: Path) -> None:
         assert (decoded.sample_rate, decoded.channels) == (clean.sample_rate, clean.channels)
     marker = ShardStats.from_json((out / f"{unit.shard_id}.stats.json").read_text())
     assert set(marker.input["files"]) == set(files)  # every file of the unit, for the next plan
+    # What robustness / transfer compare: clean and protected bytes of the ok files.
+    pairs = {
+        key: (clean, protected) for _, key, clean, protected in sample_pairs(str(out), str(tmp_path / "in"), {}, 10, 0)
+    }
+    assert set(pairs) == set(expect) and pairs["Second Artist/radio.mp3"][0] == files["Second Artist/radio.mp3"]
+    assert pairs["Second Artist/radio.mp3"][1] == (out / "Second Artist/radio.flac").read_bytes()
     assert not (out / "_tmp").exists() or not any((out / "_tmp").rglob("*.*"))
 
 
@@ -212,6 +219,7 @@ def test_parquet_dataset_round_trips_and_loads_with_datasets(tmp_path: Path) -> 
         eps=0.01,
         layout="parquet",
         unit_paths={unit.shard_id: unit.files[0]},
+        fingerprints=run_plan.fingerprints,
     )
     (summary,) = _write(rows, settings)
     assert (summary["ok"], summary["error"]) == (3, 1)
@@ -226,6 +234,10 @@ def test_parquet_dataset_round_trips_and_loads_with_datasets(tmp_path: Path) -> 
         a, b = decode(clean), decode(row["bytes"])
         assert a.samples.shape == b.samples.shape and np.max(np.abs(a.samples - b.samples)) <= 0.01 + 1e-6
     assert pq.read_schema(written).metadata == pq.read_schema(source).metadata  # HF features kept
+
+    pairs = list(sample_pairs(str(tmp_path / "out"), str(tmp_path / "in"), {}, 10, 0))
+    assert sorted(p[1] for p in pairs) == ["00000000", "00000001", "00000002"]
+    assert {p[2] for p in pairs} == set(clips[:3]) and {p[3] for p in pairs} == {a["bytes"] for a in audio[:3]}
 
     missing, problem = read_parquet_samples(str(source), {}, 1 << 20, "sound")
     assert missing == [] and problem.startswith("bad dataset: no column 'sound'")
