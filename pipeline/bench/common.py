@@ -31,7 +31,7 @@ TRACK_RATE = 44_100  # pipeline and memory tracks: 44.1 kHz
 # Attack settings of configs/demo.yaml (ε ≈ -50.5 dBFS); early stop off.
 EPS, ALPHA, SIGMA = 0.003, 0.0006, 0.00075
 GPU_NOT_AVAILABLE = "GPU: not available on this machine (unmeasured)"
-PARTS = ("engine", "baseline", "pipeline", "memory", "gpu", "ensemble")
+PARTS = ("engine", "baseline", "pipeline", "layouts", "memory", "gpu", "ensemble")
 # GPU section: eager, torch.compile, and torch.compile with CUDA graphs (mode="reduce-overhead").
 GPU_MODES = ("eager", "compiled", "cudagraphs")
 # Where the protect actor's compute runs relative to the CPU stages (decode, quality, encode, write):

@@ -8,6 +8,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -70,12 +71,14 @@ def pipeline_config(
     batch: int,
     device: str = "cpu",
     placement: str = "shared",
+    io_overrides: dict[str, Any] | None = None,
 ) -> PipelineConfig:
+    """The section's run config; `io_overrides` adds io.* settings (e.g. files_per_unit)."""
     cuda = device.startswith("cuda")
     threads = actor_threads(placement, device)
     return config_from_dict(
         {
-            "io": {"input": str(input_dir), "output": str(output_dir), "overwrite": True},
+            "io": {"input": str(input_dir), "output": str(output_dir), "overwrite": True, **(io_overrides or {})},
             "audio": {"window_seconds": WINDOW_SECONDS, "overlap_seconds": 1.0, "on_error": "passthrough"},
             "encoder": {"checkpoint": f"random:{amodel}:0", "device": device},
             "attack": {
@@ -113,9 +116,10 @@ def bench_pipeline(
     *,
     device: str = "cpu",
     placement: str = "shared",
+    io_overrides: dict[str, Any] | None = None,
 ) -> PipelineResult:
     """Run the real pipeline once over the catalog in `input_dir` (Ray must be up or is started)."""
-    cfg = pipeline_config(input_dir, output_dir, amodel, steps, precision, batch, device, placement)
+    cfg = pipeline_config(input_dir, output_dir, amodel, steps, precision, batch, device, placement, io_overrides)
     init_ray(cfg)
     result = run(cfg)
     stats = result.this_run

@@ -183,6 +183,40 @@ def render_pipeline(report: BenchReport) -> list[str]:
     return out
 
 
+def render_layouts(report: BenchReport) -> list[str]:
+    """The layouts table: the same audio as shards, a file tree and Parquet, throughput ratios."""
+    base = next((r for r in report.layouts if r.layout == "shards"), report.layouts[0])
+    first = report.layouts[0]
+    out = [
+        f"\n### Layouts (the same {first.tracks} tracks × 10 s 44.1 kHz stereo FLAC as tar shards, a tree of "
+        f"files and Parquet; {first.amodel}, {first.precision}, {first.steps} steps, batch {first.batch}, "
+        f"{first.placement} placement)\n"
+    ]
+    rows = []
+    for r in report.layouts:
+        ratio = r.windows_per_s / base.windows_per_s
+        verdict = "" if r is base else (" met" if ratio >= 0.9 else " NOT met")
+        rows.append(
+            [
+                r.layout,
+                r.shards,
+                r.windows,
+                _f(r.wall_seconds, 1),
+                _f(r.windows_per_s, 3),
+                f"**{_f(ratio, 3)}**{verdict}",
+                _f(r.windows_per_s_wall / base.windows_per_s_wall, 3),
+            ]
+        )
+    headers = ["layout", "units", "windows", "wall s", "windows/s (steady)", "÷ shards, steady (≥ 0.9)"]
+    out.append(_table([*headers, "÷ shards, wall"], rows))
+    out.append(
+        "\nOne pipeline run per layout in this order, same config and catalog (`pipeline/bench/layouts.py`); "
+        "a unit is a shard, a group of files (`io.files_per_unit` = tracks per shard) or a Parquet file. "
+        "steady = first → last committed unit, as in the pipeline section."
+    )
+    return out
+
+
 def render_memory(report: BenchReport) -> list[str]:
     """The memory table and the long ÷ short peak RSS verdict."""
     out: list[str] = []
@@ -363,6 +397,7 @@ def render_tables(report: BenchReport) -> str:
         (report.engine, render_engine),
         (report.baseline, render_baseline),
         (report.pipeline, render_pipeline),
+        (report.layouts, render_layouts),
         (report.memory, render_memory),
     ):
         if present:

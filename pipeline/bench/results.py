@@ -87,6 +87,7 @@ class PipelineResult:
     extra_forwards: int = 1  # fp32 measurement forwards per window beyond pgd (see measurement_forwards)
     placement: str = "shared"  # dedicated | shared (PLACEMENTS)
     actor_threads: int = 0  # torch threads of the protect actor (and of the engine reference)
+    layout: str = "shards"  # the input's layout (io.input_format): shards | files | parquet
 
     @property
     def windows_per_s_wall(self) -> float:
@@ -233,6 +234,7 @@ class BenchReport:
     baseline: list[BaselineResult] = field(default_factory=list)
     pipeline: list[PipelineResult] = field(default_factory=list)
     pipeline_engine: list[EngineResult] = field(default_factory=list)  # references of the pipeline rows
+    layouts: list[PipelineResult] = field(default_factory=list)  # the same audio as shards, files, Parquet
     memory: list[MemoryResult] = field(default_factory=list)
     gpu: list[GpuResult] = field(default_factory=list)
     ensemble: list[EnsembleResult] = field(default_factory=list)
@@ -243,7 +245,7 @@ class BenchReport:
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
-        for name in ("engine", "pipeline_engine", "baseline", "pipeline", "memory", "gpu"):
+        for name in ("engine", "pipeline_engine", "baseline", "pipeline", "layouts", "memory", "gpu"):
             for item, obj in zip(out[name], getattr(self, name), strict=True):
                 for prop in (
                     "windows_per_s",

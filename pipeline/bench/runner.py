@@ -101,6 +101,7 @@ def run_benchmark(settings: BenchSettings, command: str = "") -> BenchReport:
         ("engine", _run_engine),
         ("baseline", _run_baseline),
         ("pipeline", _run_pipeline),
+        ("layouts", _run_layouts),
         ("memory", _run_memory),
         ("ensemble", _run_ensemble),
         ("gpu", _run_gpu),
@@ -149,6 +150,12 @@ def _run_pipeline(settings: BenchSettings, report: BenchReport, device: str) -> 
     from pipeline.bench.pipeline import run_pipelines
 
     report.pipeline = run_pipelines(settings, report, device)
+
+
+def _run_layouts(settings: BenchSettings, report: BenchReport, device: str) -> None:
+    from pipeline.bench.layouts import run_layouts
+
+    report.layouts = run_layouts(settings, report, device)
 
 
 def _run_memory(settings: BenchSettings, report: BenchReport, device: str) -> None:

@@ -189,6 +189,24 @@ def test_memory_child_process():
     assert result.protect_seconds > 0
 
 
+def test_layouts_section_renders_ratios_to_shards():
+    settings = settings_from_args(build_parser().parse_args(["--quick"]))
+    report = BenchReport(settings=settings, machine={"CPU": "test"}, command="c", date="d")
+
+    def row(layout: str, steady_seconds: float) -> PipelineResult:
+        return PipelineResult(
+            "HTSAT-tiny", "fp32", 2, 2, tracks=8, shards=4, windows=8, ok=8, wall_seconds=20.0,
+            steady_seconds=steady_seconds, steady_windows=6, layout=layout,
+        )  # fmt: skip
+
+    report.layouts = [row("shards", 3.0), row("files", 3.2), row("parquet", 4.0)]
+    text = render_markdown(report)
+    assert "### Layouts" in text
+    assert "| files | 4 | 8 | 20.0 | 1.875 | **0.938** met | 1.000 |" in text
+    assert "| parquet | 4 | 8 | 20.0 | 1.500 | **0.750** NOT met |" in text
+    assert report.to_dict()["layouts"][1]["windows_per_s"] == pytest.approx(1.875)
+
+
 def test_gpu_benchmark_script_dry_run_on_cpu(tmp_path):
     """jobs/gpu_benchmark.sh, the prepared GPU lease script, run on the CPU with the smallest
     settings: both parts write their tables and the log, and the exit status is the parts'."""
