@@ -1,11 +1,13 @@
 """unlearnable: protect music catalogs from CLAP-conditioned diffusion models.
 
-Protect path: `protect` (a catalog of WebDataset shards), `protect-file` (one file, no Ray),
-`status` (complete / pending shards of a run), `demo` (a synthetic catalog, protected with a
-random encoder), `embed` (CLAP embedding of a file). Evaluation (with the `[eval]` extra):
-`robustness`, `transfer`, `imitate`, `frontier`, `report`; `bench`
-benchmarks. Wiring only: arguments -> config -> stages; each command imports its heavy libraries
-when it runs, so `status` and `--help` start fast."""
+Protect path: `protect` (a catalog: WebDataset shards, a tree of audio files, Parquet audio
+datasets), `protect-file` (one file, no Ray), `serve` (the ingest HTTP service on Ray Serve),
+`verify` (is a delivered file a protected version of a clean one), `status` (complete / pending
+units of a run), `pack` / `unpack` (a file tree to shards and back), `demo` (a synthetic catalog,
+protected with a random encoder), `embed` (CLAP embedding of a file). Evaluation (with the
+`[eval]` extra): `robustness`, `transfer`, `imitate`, `frontier`, `report`; `bench` benchmarks.
+Wiring only: arguments -> config -> stages; each command imports its heavy libraries when it
+runs, so `status` and `--help` start fast."""
 
 from __future__ import annotations
 
@@ -35,8 +37,15 @@ USER_ERRORS = (
     ("pipeline.evaluation.report", "ReportError"),
     ("pipeline.evaluation.robustness", "AttackError"),
     ("pipeline.evaluation.extra", "EvalExtraMissing"),
+    ("pipeline.service.limits", "BindRefused"),
 )
 
+# What `protect` writes under the output, per input layout (io.input_format).
+OUTPUT_LAYOUTS = {
+    "shards": "<shard>.tar, <shard>.parquet manifest, <shard>.stats.json marker",
+    "files": "each protected file at its input path; _unit-*.parquet manifests, _unit-*.stats.json markers",
+    "parquet": "each dataset file at its input path; _unit-*.parquet manifests, _unit-*.stats.json markers",
+}
 PACKAGE_ROOT = Path(__file__).resolve().parent
 DEMO_CONFIG = PACKAGE_ROOT.parent / "configs" / "demo.yaml"
 
@@ -89,7 +98,7 @@ def cmd_protect(args: argparse.Namespace) -> int:
     cfg = _config(args)
     summary = run(cfg)
     print_summary(summary)
-    print(f"outputs: {cfg.io.output}  (<shard>.tar, <shard>.parquet, <shard>.stats.json)")
+    print(f"outputs: {cfg.io.output}  ({OUTPUT_LAYOUTS[summary.layout]})")
     if summary.failed_shards:
         for shard_id, why in summary.failed_shards:
             print(f"shard {shard_id} FAILED: {why}", file=sys.stderr)
@@ -160,6 +169,38 @@ def cmd_protect_file(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    import time
+
+    from pipeline.service import app
+
+    cfg = load_config(args.config, list(args.set or []))
+    url = app.start(cfg, args.host, args.port)
+    print(f"serving {url} (POST /protect, GET /healthz /readyz /metrics); Ctrl-C stops", flush=True)
+    if cfg.encoder.checkpoint.startswith("random:"):
+        print("NOTE: random CLAP weights: uploads are NOT protected (set encoder.checkpoint).", file=sys.stderr)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        app.stop()
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from pipeline.verify import summary_line, verify_files
+
+    cfg = load_config(args.config, list(args.set or []))
+    report = verify_files(args.clean, args.delivered, cfg, min_delta_e=args.min_delta_e, reencode=not args.no_reencode)
+    print(report.to_json() if args.json else summary_line(report))
+    if not args.json:
+        for reason in report.reasons:
+            print(f"  {reason}", file=sys.stderr)
+    return report.exit_code
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     from pipeline.io.manifest import merge_stats
     from pipeline.io.output import OutputFolder
@@ -169,13 +210,48 @@ def cmd_status(args: argparse.Namespace) -> int:
     run_plan = plan(cfg)
     total = merge_stats(OutputFolder(cfg.io.output, cfg.io.storage.storage_options()))
     done, pending = len(run_plan.skipped), len(run_plan.pending)
-    print(f"shards: {len(run_plan.shards)} total, {done} complete, {pending} pending")
+    unit = "shards" if all(u.layout == "shards" for u in run_plan.shards) else "units"
+    print(f"{unit}: {len(run_plan.shards)} total, {done} complete, {pending} pending")
     if run_plan.changed:
         print(f"changed inputs: {len(run_plan.changed)} completed shard(s) whose input changed (pending again):")
         for shard_id, why in run_plan.changed:
             print(f"  {shard_id}: {why}")
     print(f"items: {total.items} (ok {total.ok}, error {total.error}); Δe mean {total.delta_e_mean:.3f}")
     return 0
+
+
+def _pack_report(summary) -> int:
+    for where, why in summary.failed_files:
+        print(f"FAILED {where}: {why}", file=sys.stderr)
+    print(summary.line())
+    return 0 if summary.ok else 3
+
+
+def cmd_pack(args: argparse.Namespace) -> int:
+    from pipeline.io import pack
+
+    cfg = load_config(args.config, list(args.set or []))
+    try:
+        size = pack.parse_size(args.shard_size) if args.shard_size else None
+    except ValueError as exc:
+        raise ConfigError(f"--shard-size: {exc}") from exc
+    summary = pack.pack(
+        args.input, args.output, cfg.io.storage.storage_options(), tuple(cfg.audio.extensions), size,
+        include_other=args.include_other, overwrite=args.overwrite, progress=lambda line: print(line, flush=True),
+    )  # fmt: skip
+    print(f"shards: {args.output}  (shard-NNNNNN.tar; plan _pack.json; failed files _pack/failed.json)")
+    return _pack_report(summary)
+
+
+def cmd_unpack(args: argparse.Namespace) -> int:
+    from pipeline.io import pack
+
+    cfg = load_config(args.config, list(args.set or []))
+    summary = pack.unpack(
+        args.input, args.output, cfg.io.storage.storage_options(), overwrite=args.overwrite,
+        max_member_bytes=int(cfg.audio.max_member_mb * 2**20), progress=lambda line: print(line, flush=True),
+    )  # fmt: skip
+    return _pack_report(summary)
 
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
@@ -187,12 +263,16 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 
     def job_args(p: argparse.ArgumentParser, config_required: bool) -> None:
         p.add_argument("--config", required=config_required, help="YAML config file")
-        p.add_argument("--input", help="input shards: folder, s3://bucket/prefix/, glob or {a..b} list")
+        p.add_argument(
+            "--input",
+            help="WebDataset shards (folder, s3://bucket/prefix/, glob, {a..b} list), a folder or prefix of audio "
+            "files, or Parquet audio datasets (io.input_format: auto detects which)",
+        )
         p.add_argument("--output", help="output folder or s3://bucket/prefix/")
         p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override, e.g. attack.steps=20")
         p.add_argument("--overwrite", action="store_true", help="redo shards that already have a marker")
 
-    p = sub.add_parser("protect", help="protect a catalog of WebDataset shards")
+    p = sub.add_parser("protect", help="protect a catalog: WebDataset shards, a tree of audio files, Parquet datasets")
     job_args(p, config_required=True)
     p.set_defaults(func=cmd_protect)
 
@@ -203,9 +283,41 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override, e.g. attack.strength=4")
     p.set_defaults(func=cmd_protect_file)
 
-    p = sub.add_parser("status", help="count complete and pending shards of a run")
+    p = sub.add_parser("serve", help="the ingest HTTP service on Ray Serve (docs/service.md)")
+    p.add_argument("--config", help="YAML config (default: the code's defaults, a RANDOM encoder)")
+    p.add_argument("--host", default="127.0.0.1", help="bind address; other than loopback needs UNLEARNABLE_API_TOKEN")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override, e.g. service.max_batch_uploads=4")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("verify", help="is DELIVERED a protected version of CLEAN? (exit 0 yes, 3/4/5 no)")
+    p.add_argument("--clean", required=True, help="the original audio file")
+    p.add_argument("--delivered", required=True, help="the file to check")
+    p.add_argument("--config", help="YAML config: encoder and attack.eps (default: the code's defaults)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE")
+    p.add_argument("--min-delta-e", type=float, help="Δe threshold (default 0.5 × attack.target_delta_e)")
+    p.add_argument("--no-reencode", action="store_true", help="skip the MP3 128 kbps round-trip figure")
+    p.add_argument("--json", action="store_true", help="one JSON object on stdout")
+    p.set_defaults(func=cmd_verify)
+
+    p = sub.add_parser("status", help="count complete and pending shards (or units of files) of a run")
     job_args(p, config_required=True)
     p.set_defaults(func=cmd_status)
+
+    for name, help_text in (
+        ("pack", "a file tree of audio -> WebDataset shards of a target size (docs/storage.md)"),
+        ("unpack", "(protected) shards made by `pack` -> the file tree again (docs/storage.md)"),
+    ):
+        p = sub.add_parser(name, help=help_text)
+        p.add_argument("--input", required=True, help="folder or s3:// prefix (pack: a tree; unpack: shards)")
+        p.add_argument("--output", required=True, help="output folder or s3://bucket/prefix/")
+        p.add_argument("--config", help="YAML config (io.storage, audio.extensions; default: the code's defaults)")
+        p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override, e.g. io.storage.region=eu-west-1")
+        p.add_argument("--overwrite", action="store_true", help="pack: a new plan, every shard; unpack: redo all")
+        if name == "pack":
+            p.add_argument("--shard-size", help="target shard size: 256MB, 256MiB, 1GB (default: 256MiB)")
+            p.add_argument("--include-other", action="store_true", help="pack non-audio files too (restored as is)")
+        p.set_defaults(func=cmd_pack if name == "pack" else cmd_unpack)
 
     p = sub.add_parser("demo", help="generate a synthetic catalog and protect it (random encoder)")
     p.add_argument("--workdir", default="demo-output", help="where the catalog and outputs go")

@@ -58,6 +58,7 @@ class RunSummary:
     wall_seconds: float
     random_encoder: bool
     failed_shards: list[tuple[str, str]] = field(default_factory=list)  # (shard id, why): no marker, rerun
+    layout: str = "shards"  # the input's layout: shards | files | parquet
 
 
 def init_ray(cfg: PipelineConfig) -> None:
@@ -290,8 +291,11 @@ def _run_leased(
             print(note, flush=True)
         for shard_id, why in run_plan.changed:
             print(f"input of {shard_id} changed since it was protected ({why}): doing it again", flush=True)
+        what = "shard(s)" if listing.layout == "shards" else f"unit(s) ({listing.layout})"
+        if listing.layout == "files":
+            what += f" of {len(listing.files)} file(s)"
         print(
-            f"{len(run_plan.shards)} shard(s) found, {len(run_plan.skipped)} already complete, "
+            f"{len(run_plan.shards)} {what} found, {len(run_plan.skipped)} already complete, "
             f"{len(run_plan.pending)} to protect -> {cfg.io.output}",
             flush=True,
         )
@@ -359,6 +363,7 @@ def _run_leased(
         wall_seconds=time.perf_counter() - started,
         random_encoder=random_encoder,
         failed_shards=failed,
+        layout=listing.layout,
     )
 
 
