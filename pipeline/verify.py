@@ -150,6 +150,10 @@ def verify_audio(
     if not part_a.size or not (r.aligned_snr_db >= VERSION_MIN_SNR_DB):
         r.reasons.append(f"aligned SNR {r.aligned_snr_db:.1f} dB < {VERSION_MIN_SNR_DB:g} dB: B is other audio")
         return r
+    if r.linf == 0:  # sample-identical: δ is zero, and so is Δe (no encoder needed to say so)
+        r.verdict, r.delta_e, r.delta_e_min, r.delta_e_musicldm = "unprotected", 0.0, 0.0, 0.0
+        r.reasons.append("B is sample-identical to A")
+        return r
     r.within_bound = bool(
         not r.lossy_delivered and same_length and r.lag == 0 and r.linf <= cfg.attack.eps + lsb(delivered.subtype)
     )
@@ -165,10 +169,7 @@ def verify_audio(
             r.delta_e_mp3_128 = float(window_delta_e(encoder, part_a, trip, rate).mean())
         except Exception as exc:  # ffmpeg missing or failing: the figure stays NaN, the reason is said
             r.reasons.append(f"MP3 128 kbps round trip not measured: {type(exc).__name__}: {exc}")
-    if r.linf == 0:
-        r.verdict = "unprotected"
-        r.reasons.append("B is sample-identical to A")
-    elif not r.delta_e >= r.min_delta_e:
+    if not r.delta_e >= r.min_delta_e:
         r.verdict = "protection_lost" if r.lossy_delivered else "unprotected"
         where = "a lossy re-encode has eaten it" if r.lossy_delivered else "B carries no effective δ"
         r.reasons.append(f"Δe {r.delta_e:.3f} < {r.min_delta_e:.3f}: {where}")

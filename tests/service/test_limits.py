@@ -167,3 +167,14 @@ def test_serve_refuses_a_public_host_without_a_token(monkeypatch, capsys):
     assert code == 1 and TOKEN_ENV in err and "0.0.0.0" in err
     ray = sys.modules.get("ray")
     assert ray is None or not ray.is_initialized()  # refused before anything started
+
+
+def test_shipped_service_config_loads_and_says_it_is_random():
+    from pathlib import Path
+
+    from pipeline.config import load_config
+
+    path = Path(__file__).resolve().parents[2] / "configs" / "service.yaml"
+    cfg = load_config(path)
+    assert cfg.encoder.checkpoint.startswith("random:") and "NOT protected" in path.read_text()
+    assert cfg.service.max_batch_uploads > 1 and cfg.service.max_pending_uploads >= cfg.service.max_batch_uploads
