@@ -178,3 +178,20 @@ def test_shipped_service_config_loads_and_says_it_is_random():
     cfg = load_config(path)
     assert cfg.encoder.checkpoint.startswith("random:") and "NOT protected" in path.read_text()
     assert cfg.service.max_batch_uploads > 1 and cfg.service.max_pending_uploads >= cfg.service.max_batch_uploads
+
+
+def test_rayservice_app_builder_needs_the_token_off_loopback(monkeypatch, tmp_path):
+    """serveConfigV2's import path (k8s/overlays/service): refuses 0.0.0.0 without a token and
+    builds the Serve application (nothing started) with one; the args carry no token."""
+    from ray.serve import Application
+
+    from pipeline.service.app import app_builder
+
+    config = tmp_path / "service.yaml"
+    config.write_text("service: {num_replicas: 2, max_batch_uploads: 4}\n")
+    monkeypatch.delenv(TOKEN_ENV, raising=False)
+    with pytest.raises(BindRefused):
+        app_builder({"config": str(config), "host": "0.0.0.0"})
+    assert isinstance(app_builder({"config": str(config), "host": "127.0.0.1"}), Application)
+    monkeypatch.setenv(TOKEN_ENV, SECRET)
+    assert isinstance(app_builder({"config": str(config), "host": "0.0.0.0"}), Application)
