@@ -184,7 +184,7 @@ class ProtectService:
             raise result
         self.metrics.delivered(result.figures)
         headers = figure_headers(result.figures)
-        headers["X-Request-Id"] = key
+        headers["X-Upload-Id"] = key  # Serve sets its own x-request-id
         if fmt == "json":
             import base64
 

@@ -211,7 +211,7 @@ def test_many_concurrent_uploads_over_http(service):
     assert rss_start > 0 and rss_after - rss_warm < max(rss_warm - rss_start, 200), rss
     assert rss_after - rss_start < 2500, rss
 
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(signal.SIGTERM)  # what k8s and systemd send: Serve and Ray shut down, exit 0
     assert proc.wait(60) == 0
     print(f"{UPLOADS} uploads, {CLIENTS} clients: {wall:.1f} s, {refused} x 429, replica RSS {rss} MB")
 
