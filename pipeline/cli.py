@@ -170,12 +170,18 @@ def cmd_protect_file(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    import signal
     import time
 
     from pipeline.service import app
 
+    def interrupt(signum, frame):  # SIGTERM (k8s, systemd) and SIGINT (also when inherited ignored)
+        raise KeyboardInterrupt
+
     cfg = load_config(args.config, list(args.set or []))
     url = app.start(cfg, args.host, args.port)
+    signal.signal(signal.SIGTERM, interrupt)  # after ray.init, which installs its own (sys.exit)
+    signal.signal(signal.SIGINT, interrupt)
     print(f"serving {url} (POST /protect, GET /healthz /readyz /metrics); Ctrl-C stops", flush=True)
     if cfg.encoder.checkpoint.startswith("random:"):
         print("NOTE: random CLAP weights: uploads are NOT protected (set encoder.checkpoint).", file=sys.stderr)
