@@ -29,7 +29,7 @@ LAYERS = {
     "__main__": 5,
     "__init__": 0,
 }
-EVALUATION_LIBRARIES = {"matplotlib", "diffusers", "librosa", "tqdm", "scipy"}
+EVALUATION_LIBRARIES = {"matplotlib", "diffusers", "librosa", "tqdm", "scipy", "pedalboard", "noisereduce"}
 MAX_LINES = 600
 
 

@@ -7,6 +7,11 @@ straight-through where the real operation has no gradient). Used in two places:
 
 A new attacker pipeline is a new entry in VIEWS (and a config change), not new PGD code.
 
+The purifying attacker's transforms (pipeline/core/eot.py: noise, eq, lowpass, highpass, reverb,
+compress, limit, smooth, quantise, spectral_gate, speed, resample_any) are views of the same name;
+`mix:<a>+<b>+...` draws one of them per item and step (one extra CLAP pass per step, whatever
+their number), e.g. `attack.eot_views: [clean48k, "mix:noise+eq+reverb+compress+speed"]`.
+
 Codec views (`mp3_128`, and any `<codec>_<kbps>` with codec mp3 | vorbis | opus | aac) run the
 real ffmpeg encoder and decoder in the forward pass, one subprocess pair per batch item (items in
 parallel threads), with a straight-through gradient (BPDA). They are slow (~0.1-0.3 s of CPU per
@@ -23,6 +28,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
+from pipeline.core.eot import TRANSFORMS, mix_view
 from pipeline.encoders.base import CLAP_RATE
 from pipeline.io.audio import LOSSY_CODECS, codec_round_trip
 
@@ -142,14 +148,19 @@ VIEWS: dict[str, ViewFn] = {
     "gain": gain,
     "crop": crop,
     "mp3_128": codec_view("mp3", 128),
+    **TRANSFORMS,
 }
 
 
 def get_view(name: str) -> ViewFn:
     """The view called `name`: an entry of VIEWS, or a codec view `<codec>_<kbps>` (made on first use)."""
+    if name not in VIEWS and name.startswith("mix:"):
+        VIEWS[name] = mix_view(name[len("mix:") :].split("+"))
     if name not in VIEWS:
         match = CODEC_VIEW.match(name)
         if not match:
-            raise KeyError(f"unknown view {name!r}; known: {sorted(VIEWS)} and <mp3|vorbis|opus|aac>_<kbps>")
+            raise KeyError(
+                f"unknown view {name!r}; known: {sorted(VIEWS)}, <mp3|vorbis|opus|aac>_<kbps> and mix:<a>+<b>+..."
+            )
         VIEWS[name] = codec_view(match[1], int(match[2]))
     return VIEWS[name]

@@ -79,7 +79,8 @@ def test_imitate_end_to_end(tmp_path, capsys):
     from pipeline.evaluation.imitation import MODELS, RANDOM_NOTE, main
 
     out = tmp_path / "imitation"
-    argv = ["--make-catalog", "2", "--out", str(out)]
+    # 4 tracks over 2 styles; partial coverage: one more imitator with half of each style protected
+    argv = ["--make-catalog", "4", "--out", str(out), "--protected-share", "50,100"]
     for item in TINY:
         argv += ["--set", item]
     assert main(argv) == 0
@@ -94,8 +95,8 @@ def test_imitate_end_to_end(tmp_path, capsys):
     assert (out / "similarity.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     rows = pq.read_table(out / "imitation.parquet").to_pylist()
-    # 2 tracks × (3 models × 2 modes + the Griffin-Lim reference)
-    assert len(rows) == 2 * 7
+    # 4 tracks × (4 models × 2 modes + the Griffin-Lim reference)
+    assert len(rows) == 4 * 9
     assert {(r["model"], r["mode"]) for r in rows} >= {(m, "conditional") for m in MODELS}
     for column in ("sim_protecting", "sim_held_out", "sim_protecting_centred", "mel_l1", "mel_profile_l1"):
         assert all(np.isfinite(r[column]) for r in rows), column
@@ -103,11 +104,20 @@ def test_imitate_end_to_end(tmp_path, capsys):
 
     summary = json.loads((out / "summary.json").read_text())
     assert summary["first_line"] == RANDOM_NOTE
-    assert set(summary["loss_end"]) == set(MODELS)
+    assert set(summary["loss_end"]) == {*MODELS, "protected@50"}
     assert all(np.isfinite(v) for v in summary["loss_end"].values())
     assert set(summary["gaps"]) == {"clean − protected", "clean − noise", "noise − protected"}
     assert summary["condition_delta_e"]["protected"] > 0
     assert summary["encoders"] == {"protecting": "random:HTSAT-tiny:0", "held_out": "random:HTSAT-tiny:1"}
+
+    assert (out / "ckpt-protected@50.pt").is_file()
+    half = [r for r in rows if r["model"] == "protected@50" and r["mode"] == "conditional"]
+    assert len(half) == 4 and sum(r["covered"] for r in half) == 2  # one of each style's two tracks
+    assert all(r["covered"] for r in rows if r["model"] == "protected")
+    assert not any(r["covered"] for r in rows if r["model"] in ("clean", "noise"))
+    assert [c["model"] for c in summary["coverage"]] == ["clean", "protected@50", "protected"]
+    assert [c["covered"] for c in summary["coverage"]] == [0, 2, 4]
+    assert "| 50% | protected@50 | 4 (2) |" in (out / "imitation.md").read_text()
 
     import torch
 
@@ -136,3 +146,28 @@ def test_attack_and_encoder_sections_are_the_jobs() -> None:
     assert job.runtime.batch_windows == cfg.attack.batch_windows == 8
     assert not job.quality.musicldm_view and not job.quality.masking
     assert job.encoder.checkpoint == cfg.encoder.checkpoint and cfg.encoder.held_out == "random:HTSAT-tiny:5"
+
+
+def test_partial_coverage_is_nested_per_style_and_mixes_rows() -> None:
+    import torch
+
+    from pipeline.evaluation.imitation.coverage import add_coverage, covered_items, parse_shares
+
+    assert parse_shares("25,50,100") == (0.25, 0.5, 1.0)
+    with pytest.raises(ValueError):
+        parse_shares("0,50")
+    styles = ["a"] * 4 + ["b"] * 8
+    quarter, half = covered_items(styles, 0.25, 0), covered_items(styles, 0.5, 0)
+    assert sum(quarter[:4]) == 1 and sum(quarter[4:]) == 2 and sum(half[:4]) == 2 and sum(half[4:]) == 4
+    assert all(h for q, h in zip(quarter, half) if q), "a smaller share's tracks are a subset of a larger one's"
+    n, crops = len(styles), 2
+    data = {"styles": styles}
+    for variant, value in (("clean", 0.0), ("protected", 1.0)):
+        data[f"{variant}/wave"] = torch.full((n * crops, 5), value)
+        data[f"{variant}/logmel"] = torch.full((n * crops, 3, 4), value)
+        data[f"{variant}/cond"] = torch.full((n * crops, 6), value)
+    assert add_coverage(data, (0.5, 1.0), crops, 0) == ["protected@50"]
+    rows = torch.tensor(half).repeat_interleave(crops)
+    for part in ("wave", "logmel", "cond"):
+        mixed = data[f"protected@50/{part}"]
+        assert torch.equal(mixed.flatten(1).mean(1), rows.float()), part

@@ -140,6 +140,16 @@ def build_output(root: Path, encoder_id: str = RANDOM_ENCODER, extras: bool = Tr
             "robustness.md",
             b"# Robustness\n\n| transform | delta_e |\n|---|---:|\n| mp3 128k | 0.41 |\n| gain -6 dB | 0.52 |\n",
         )
+        from pipeline.evaluation.robustness import RobustnessRow, plot_png
+
+        plot_rows = [
+            RobustnessRow(
+                run, "k", "s", attack, attack, "", "lib", 0.4, 0.3 + i / 10, 0.75 + i / 4, 0.3, 0.1, 4.0, False, 0.1
+            )
+            for run in ("no-eot", "eot")
+            for i, attack in enumerate(("mp3_64", "noise_20db", "reverb_0.5"))
+        ]
+        out.write_atomic("robustness.png", plot_png(plot_rows, random_weights=True))
         rob = pa.table({"transform": ["resample 16k", "crop 1.5 s"], "delta_e_mean": [0.38, 0.47]})
         buffer = io.BytesIO()
         pq.write_table(rob, buffer)
@@ -196,7 +206,8 @@ def test_report_has_every_section_and_real_images(report_page):
     assert "lowest Δe" in page and "median Δe" in page and "highest Δe" in page
     assert "class='warn'>member missing" not in page
     pngs = images(page)
-    assert len(pngs) == 3 + 3  # Δe, MOS-LQO, quality, three spectrogram figures
+    assert len(pngs) == 3 + 3 + 1  # Δe, MOS-LQO, quality, three spectrogram figures, robustness.png
+    assert 'alt="Δe retained per attack and run"' in page
     assert all(p.startswith(b"\x89PNG\r\n\x1a\n") and len(p) > 10_000 for p in pngs)
     assert "http://" not in page and "https://" not in page  # self-contained
 
@@ -304,7 +315,7 @@ def test_report_from_s3(tmp_path, monkeypatch):
         argv += ["--endpoint-url", server.endpoint_url, "--addressing-style", "path"]
         assert main(argv) == 0
         page = html_path.read_text()
-        assert len(images(page)) == 6 and "class='warn'>member missing" not in page
+        assert len(images(page)) == 7 and "class='warn'>member missing" not in page
         assert audio_clips(page)
         assert "s3://bucket/protected/" in page
     finally:

@@ -151,6 +151,9 @@ class ImitationConfig:
     storage: StorageConfig = field(default_factory=StorageConfig)
     target: float = 0.3  # style-similarity target: protection works where similarity < target
     progress: bool = True
+    # Partial coverage (coverage.py): one more imitator per share < 1, trained on a set in which
+    # that share of each style's tracks is protected (--protected-share 25,50,80,100).
+    protected_shares: tuple[float, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         return json.loads(json.dumps(dataclasses.asdict(self)))
@@ -193,6 +196,7 @@ def load_imitation_config(path: str | Path | None, overrides: list[str] | tuple[
         (cfg.sample.steps >= 1, "sample.steps must be >= 1"),
         (cfg.sample.mel_inverse in ("pinv", "nnls"), "sample.mel_inverse must be pinv|nnls"),
         (0 < cfg.attack.eps < 1, "attack.eps must be in (0, 1)"),
+        (all(0 < s <= 1 for s in cfg.protected_shares), "protected_shares must be in (0, 1]"),
     ]
     for ok, message in checks:
         if not ok:

@@ -69,9 +69,11 @@ def median(values: list[float]) -> float:
     return float(np.median(finite)) if finite else float("nan")
 
 
-def summarise(rows: list[dict], target: float) -> list[dict]:
+def summarise(rows: list[dict], target: float, models: tuple[str, ...] = MODELS) -> list[dict]:
+    """Per (model, mode): medians of the similarity columns, style-match and under-target shares;
+    `models` in order (MODELS and any partial-coverage ones), then the Griffin-Lim reference."""
     out = []
-    for model in (*MODELS, "reference"):
+    for model in (*models, "reference"):
         for mode in (*MODES, "griffin_lim"):
             group = [r for r in rows if r["model"] == model and r["mode"] == mode]
             if not group:

@@ -34,6 +34,13 @@ from pipeline.evaluation.imitation.config import (
     ImitationConfig,
     load_imitation_config,
 )
+from pipeline.evaluation.imitation.coverage import (
+    add_coverage,
+    coverage_markdown,
+    coverage_table,
+    is_covered,
+    parse_shares,
+)
 from pipeline.evaluation.imitation.data import MelFrontEnd, clap_embed, peak_normalise, prepare
 from pipeline.evaluation.imitation.metrics import (
     centred_cosine,
@@ -136,7 +143,7 @@ class Scorer:
         mel_l1 = (logmels - self.reference_logmel).abs().mean(dim=(1, 2)).numpy()
         profile_l1 = (logmels.mean(-1) - self.reference_logmel.mean(-1)).abs().mean(-1).numpy()
         cond_de = None
-        if model in MODELS:
+        if f"{model}/cond" in self.data:
             cond_de = (self.data[f"{model}/cond"][self.first_crop] - self.prompts).norm(dim=-1).numpy()
         return [
             {
@@ -144,6 +151,7 @@ class Scorer:
                 "style": self.styles[i],
                 "model": model,
                 "mode": mode,
+                "covered": is_covered(self.data, model, i),  # protected in this model's training data
                 **{k: float(v[i]) if v.dtype != bool else bool(v[i]) for k, v in figures.items()},
                 "mel_l1": float(mel_l1[i]),
                 "mel_profile_l1": float(profile_l1[i]),
@@ -155,13 +163,19 @@ class Scorer:
 
 
 def train_and_score(
-    cfg: ImitationConfig, scorer: Scorer, device: torch.device, folder: Any, timings: dict[str, float]
+    cfg: ImitationConfig,
+    scorer: Scorer,
+    device: torch.device,
+    folder: Any,
+    timings: dict[str, float],
+    extra_models: tuple[str, ...] = (),
 ) -> tuple[list[dict], dict[str, list[float]]]:
-    """The Griffin-Lim reference rows, then per model: train (or resume), sample conditional and
-    unconditional, score. Returns the rows and each model's training losses."""
+    """The Griffin-Lim reference rows, then per model (MODELS, then `extra_models`: the partial
+    coverage ones): train (or resume), sample conditional and unconditional, score. Returns the
+    rows and each model's training losses."""
     rows = scorer.score("reference", "griffin_lim", scorer.reference_logmel)
     losses: dict[str, list[float]] = {}
-    for name in MODELS:
+    for name in (*MODELS, *extra_models):
         t0 = time.perf_counter()
         model, losses[name] = train_model(cfg, name, scorer.data, scorer.front, device, folder)
         timings[f"train {name}"] = time.perf_counter() - t0
@@ -190,7 +204,7 @@ def build_summary(
 ) -> dict[str, Any]:
     """summary.json's content (its `markdown` added by the caller): the table, the gaps between
     models, the end of each loss curve, condition Δe, versions and timings."""
-    table = summarise(rows, cfg.target)
+    table = summarise(rows, cfg.target, tuple(losses))
     by = {(r["model"], r["mode"]): r for r in table}
     gaps = {
         f"{a} − {b}": {
@@ -209,6 +223,7 @@ def build_summary(
         "frames": scorer.front.frames,
         "target": cfg.target,
         "table": table,
+        "coverage": coverage_table(rows, cfg.protected_shares),
         "gaps": gaps,
         "loss_end": {name: float(np.mean(v[-tail[name] :])) if v else float("nan") for name, v in losses.items()},
         "loss_curves": {name: v[:: max(1, len(v) // 200)] for name, v in losses.items()},
@@ -283,13 +298,16 @@ def run(
         protected_url=protected_url,
         items=items,
     )
+    extra = add_coverage(data, cfg.protected_shares, cfg.mel.crops_per_track, cfg.catalog.seed)
     held_out = load_encoder_for(cfg, "held_out")
     t0 = time.perf_counter()
     scorer = Scorer(cfg, front, data, {"protecting": protecting, "held_out": held_out})
     timings["reference"] = time.perf_counter() - t0
-    rows, losses = train_and_score(cfg, scorer, device, folder, timings)
+    rows, losses = train_and_score(cfg, scorer, device, folder, timings, tuple(extra))
     summary = build_summary(cfg, scorer, rows, losses, timings, started)
     summary["markdown"] = markdown(summary)
+    if summary["coverage"]:
+        summary["markdown"] += "\n\n" + coverage_markdown(summary["coverage"])
     write_outputs(folder, cfg, summary, rows)
     return summary
 
@@ -316,6 +334,12 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     parser.add_argument("--make-catalog", type=int, default=0, metavar="N", help="synthesize and protect N tracks")
     parser.add_argument("--out", required=True, help="output folder (local or s3://)")
     parser.add_argument("--set", action="append", metavar="KEY=VALUE", help="override, e.g. train.steps=50")
+    parser.add_argument(
+        "--protected-share",
+        metavar="PCT,PCT,...",
+        help="partial coverage: also train imitators with these percentages of each style's tracks protected "
+        "(e.g. 25,50,80,100; 100 is the protected model)",
+    )
     parser.set_defaults(func=cmd_imitate)
     return parser
 
@@ -335,7 +359,10 @@ def require_eval_libraries() -> None:
 
 
 def cmd_imitate(args: argparse.Namespace) -> int:
-    cfg = load_imitation_config(args.config, list(args.set or []))
+    overrides = list(args.set or [])
+    if getattr(args, "protected_share", None):
+        overrides.append(f"protected_shares={list(parse_shares(args.protected_share))}")
+    cfg = load_imitation_config(args.config, overrides)
     hub_offline(cfg)
     try:
         require_eval_libraries()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import datetime as dt
 import html
 from collections import Counter
@@ -263,12 +264,19 @@ def render(
     parts.append(listening_section(data, clean_url, listen, clip_seconds, storage_options))
 
     parts.append("<h2 id='robustness'>Robustness</h2>")
+    if data.robustness_md:
+        parts.append("<p class='note'>robustness.md</p>" + markdown_to_html(data.robustness_md))
+    if data.robustness_png:
+        b64 = base64.b64encode(data.robustness_png).decode("ascii")
+        parts.append(img(b64, "Δe retained per attack and run"))
     if data.robustness_table is not None:
         t = data.robustness_table
         rows = [list(r.values()) for r in t.to_pylist()]
-        parts.append("<p class='note'>robustness.parquet</p>" + html_table(t.column_names, rows))
-    if data.robustness_md:
-        parts.append("<p class='note'>robustness.md</p>" + markdown_to_html(data.robustness_md))
+        parts.append(
+            f"<details><summary>robustness.parquet ({t.num_rows} rows: run × item × attack)</summary>"
+            + html_table(t.column_names, rows)
+            + "</details>"
+        )
     if data.robustness_table is None and not data.robustness_md:
         parts.append("<p class='note'>No robustness.parquet or robustness.md at the output root.</p>")
 

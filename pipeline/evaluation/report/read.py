@@ -91,6 +91,7 @@ class OutputData:
     config_text: str = ""
     robustness_table: pa.Table | None = None
     robustness_md: str = ""
+    robustness_png: bytes = b""  # the robustness command's plot (retained Δe per attack and run)
     extra_columns: list[str] = field(default_factory=list)  # numeric columns beyond the schema
 
     @property
@@ -215,6 +216,7 @@ def load_output(url: str, storage_options: Mapping[str, Any] | None = None) -> O
     robustness_md = _read_optional(out, "robustness.md")
     if robustness_md:
         data.robustness_md = robustness_md.decode("utf-8", "replace")
+    data.robustness_png = _read_optional(out, "robustness.png") or b""
     return data
 
 

@@ -1,0 +1,7 @@
+"""`python -m pipeline.evaluation.robustness`."""
+
+import sys
+
+from pipeline.evaluation.robustness.runner import main
+
+sys.exit(main())
