@@ -120,13 +120,22 @@ def reverb(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.T
     return (1 - wet) * x + wet * tail
 
 
+def _moving_average(x: torch.Tensor, width: int) -> torch.Tensor:
+    """Centred moving average over an odd `width` of x [B, T], same length, the window cut at the
+    edges (a cumulative sum in float64: O(T) whatever the width)."""
+    half = width // 2
+    ones = torch.ones_like(x[:1])
+    sums = []
+    for signal in (x, ones):
+        c = torch.nn.functional.pad(signal.double(), (half + 1, half)).cumsum(-1)
+        sums.append(c[..., width:] - c[..., :-width])
+    return (sums[0] / sums[1]).to(x.dtype)
+
+
 def _envelope(x: torch.Tensor, seconds: float = 0.01) -> torch.Tensor:
-    """RMS envelope over `seconds` windows [B, T] (avg pool of x², stride 1, same length)."""
+    """RMS envelope over `seconds` windows [B, T] (moving average of x², same length)."""
     width = max(1, int(seconds * RATE)) | 1
-    power = torch.nn.functional.avg_pool1d(
-        x.pow(2)[:, None], width, stride=1, padding=width // 2, count_include_pad=False
-    )
-    return power[:, 0].clamp(min=1e-10).sqrt()
+    return _moving_average(x.pow(2), width).clamp(min=1e-10).sqrt()
 
 
 def compress(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:

@@ -162,3 +162,20 @@ def test_every_attack_runs_on_a_protected_item(protected_run) -> None:
     assert mild["resample_44k"] == pytest.approx(1.0, abs=1e-3) or mild["resample_44k"] > 0.9
     assert mild["mp3_320"] > 0.3
     assert "| mp3_8 |" in summary_table(rows, 0.5)
+
+
+def test_encodec_attack_runs_from_a_local_checkpoint(tmp_path: Path) -> None:
+    """The neural-codec path on a tiny randomly initialised EncodecModel saved like a real one
+    (save_pretrained): the code path a downloaded checkpoint takes, not a measurement."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.EncodecConfig(
+        sampling_rate=16_000, audio_channels=1, num_filters=4, hidden_size=16, codebook_size=64, codebook_dim=16,
+        upsampling_ratios=[4, 4, 2, 2], target_bandwidths=[1.5], num_lstm_layers=1, compress=2,
+    )  # fmt: skip
+    transformers.EncodecModel(config).save_pretrained(tmp_path / "encodec")
+    neural = NeuralAttacks({"encodec": str(tmp_path / "encodec")})
+    assert neural.available("encodec")
+    x = _tone(seconds=1.0)
+    y, rate = neural.run("encodec", x, RATE)
+    assert rate == 16_000 and y.shape == (16_000, 2) and y.dtype == np.float32 and np.isfinite(y).all()
+    assert not np.allclose(y, 0.0)
