@@ -161,12 +161,16 @@ def test_service_section_is_validated():
 def test_serve_refuses_a_public_host_without_a_token(monkeypatch, capsys):
     from pipeline.cli import main
 
+    def ray_up() -> bool:  # the session's Ray may already be up (an earlier test's pipeline)
+        ray = sys.modules.get("ray")
+        return ray is not None and ray.is_initialized()
+
     monkeypatch.delenv(TOKEN_ENV, raising=False)
+    before = ray_up()
     code = main(["serve", "--host", "0.0.0.0", "--port", "8123"])
     err = capsys.readouterr().err
     assert code == 1 and TOKEN_ENV in err and "0.0.0.0" in err
-    ray = sys.modules.get("ray")
-    assert ray is None or not ray.is_initialized()  # refused before anything started
+    assert ray_up() == before  # refused before anything started
 
 
 def test_shipped_service_config_loads_and_says_it_is_random():
