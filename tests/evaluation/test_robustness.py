@@ -18,6 +18,8 @@ from pipeline.evaluation.robustness import (
     NEURAL,
     QUICK,
     SUITE,
+    AttackError,
+    AttackSpec,
     NeuralAttacks,
     evaluate,
     main,
@@ -115,17 +117,32 @@ def test_neural_attacks_need_a_local_checkpoint(tmp_path: Path) -> None:
         NeuralAttacks({"wavegan": "x"})
 
 
-def test_cli_two_runs_side_by_side(protected_run, tmp_path: Path, capsys) -> None:
+def test_cli_two_runs_side_by_side(protected_run, tmp_path: Path, capsys, monkeypatch) -> None:
     clean, protected = protected_run
+
+    def broken(x: np.ndarray, rate: int, seed: int):
+        raise AttackError("ffmpeg refused the input")
+
+    monkeypatch.setitem(SUITE, "broken_1", AttackSpec("broken_1", "broken", "1", "none", broken))
     out = tmp_path / "report"
     args = ["--input", str(protected), "--label", "a", "--compare", f"b={protected}", "--clean", str(clean)]
-    args += ["--count", "1", "--attacks", "resample_44k,noise_20db,encodec", "--mos-seconds", "1.5", "--out", str(out)]
+    args += [
+        "--count",
+        "1",
+        "--attacks",
+        "resample_44k,noise_20db,encodec,broken_1",
+        "--mos-seconds",
+        "1.5",
+        "--out",
+        str(out),
+    ]
     args += ["--set", "encoder.checkpoint=random:HTSAT-tiny:0", "--set", "encoder.device=cpu"]
     assert main(args) == 0
     rows = pq.read_table(out / "robustness.parquet").to_pylist()
-    assert {(r["run"], r["attack"]) for r in rows} == {
-        (run, a) for run in "ab" for a in ("resample_44k", "noise_20db", "encodec")
-    }
+    attacks = ("resample_44k", "noise_20db", "encodec", "broken_1")
+    assert {(r["run"], r["attack"]) for r in rows} == {(run, a) for run in "ab" for a in attacks}
+    broken_rows = [r for r in rows if r["attack"] == "broken_1"]
+    assert all(r["error"] == "AttackError: ffmpeg refused the input" and r["delta_e_before"] > 0 for r in broken_rows)
     measured = [r for r in rows if not r["error"]]
     for r in measured:
         assert r["retained"] == pytest.approx(r["delta_e_attacked"] / r["delta_e_before"])
@@ -142,7 +159,11 @@ def test_cli_two_runs_side_by_side(protected_run, tmp_path: Path, capsys) -> Non
     assert all(r["error"].startswith("unmeasured: needs a local checkpoint") for r in rows if r["attack"] == "encodec")
     text = (out / "robustness.md").read_text()
     assert text.startswith("RANDOM CLAP WEIGHTS") and "retained `a`" in text and "gain `b` − `a`" in text
-    assert "| encodec | unmeasured" in text and "| noise_20db |" in capsys.readouterr().out
+    assert (
+        "| encodec | unmeasured" in text
+        and "| broken_1 | AttackError: ffmpeg refused" in text
+        and "| noise_20db |" in capsys.readouterr().out
+    )
     assert (out / "robustness.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "- `a`: 1 items" in text and "EOT views ['clean48k']" in text and "measured (interleaved" in text
 
