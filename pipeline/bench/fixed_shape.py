@@ -23,6 +23,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=4, help="10 s windows per call")
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--repeats", type=int, default=3, help="timed calls per loop, interleaved (median)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed 1-step calls per loop first (default 1)")
     p.add_argument("--device", default="auto")
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: all cores)")
     args = p.parse_args(argv)
@@ -39,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
 
     seconds: dict[bool, list[float]] = {False: [], True: []}
     found: dict[bool, torch.Tensor] = {}
-    for fixed in (False, True):  # warm-up: one-time kernel selection and allocation outside the timing
+    for fixed in (False, True) * args.warmup:  # one-time kernel selection and allocation outside the timing
         pgd(embed, x, PGDParams(EPS, ALPHA, 1, SIGMA, fixed_shape=fixed), generator=torch.Generator().manual_seed(0))
     for _ in range(args.repeats):
         for fixed in (False, True):

@@ -279,6 +279,6 @@ def test_runner_imports_no_pipeline_stack():
 def test_fixed_shape_benchmark_runs_and_compares(capsys):
     from pipeline.bench.fixed_shape import main as fixed_shape_main
 
-    assert fixed_shape_main(["--batch", "2", "--steps", "1", "--repeats", "1", "--threads", "2"]) == 0
+    assert fixed_shape_main(["--batch", "2", "--steps", "1", "--repeats", "1", "--warmup", "0", "--threads", "2"]) == 0
     line = capsys.readouterr().out
     assert "fixed ÷ default time" in line and "same Δe: True" in line and "(random weights)" in line
