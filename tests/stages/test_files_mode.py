@@ -239,6 +239,13 @@ def test_parquet_dataset_round_trips_and_loads_with_datasets(tmp_path: Path) -> 
     assert sorted(p[1] for p in pairs) == ["00000000", "00000001", "00000002"]
     assert {p[2] for p in pairs} == set(clips[:3]) and {p[3] for p in pairs} == {a["bytes"] for a in audio[:3]}
 
+    # The report reads the unit's manifest and takes a dataset file at the top for data, not an orphan.
+    from pipeline.evaluation.report.read import load_output
+
+    (tmp_path / "out" / "top.parquet").write_bytes(written.read_bytes())
+    report = load_output(str(tmp_path / "out"))
+    assert report.orphans == [] and report.stats.items == 4
+
     missing, problem = read_parquet_samples(str(source), {}, 1 << 20, "sound")
     assert missing == [] and problem.startswith("bad dataset: no column 'sound'")
 

@@ -17,6 +17,7 @@ import yaml
 
 from pipeline.io.output import OutputFolder
 from pipeline.io.shards import read_samples
+from pipeline.io.tree import UNIT_PREFIX
 from pipeline.records import MANIFEST_SCHEMA, ShardStats
 
 logger = logging.getLogger(__name__)
@@ -173,6 +174,8 @@ def load_output(url: str, storage_options: Mapping[str, Any] | None = None) -> O
         raise ReportError(f"output folder not found: {url}") from exc
     markers = sorted(n[: -len(".stats.json")] for n in names if n.endswith(".stats.json"))
     manifests = {n[: -len(".parquet")] for n in names if n.endswith(".parquet") and n != "robustness.parquet"}
+    if any(m.startswith(UNIT_PREFIX) for m in markers):  # a tree / dataset output: other .parquet files are data
+        manifests = {m for m in manifests if m.startswith(UNIT_PREFIX)}
     shards = [s for s in markers if s in manifests]
     orphans = sorted(manifests - set(markers))
     if not shards:
