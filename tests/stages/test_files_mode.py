@@ -76,6 +76,21 @@ def _write(rows: list[dict[str, Any]], settings: WriteSettings) -> list[dict[str
     return [dict(zip(summary, values)) for values in zip(*summary.values())]
 
 
+def _write_settings(tmp_path: Path, run_plan, layout: str) -> WriteSettings:
+    """A writer of `layout` into tmp_path/out for the units of `run_plan` (passthrough, ε 0.01)."""
+    return WriteSettings(
+        output=str(tmp_path / "out"),
+        storage_options={},
+        on_error="passthrough",
+        config_hash="h",
+        target_delta_e=0.5,
+        eps=0.01,
+        layout=layout,
+        fingerprints=run_plan.fingerprints,
+        unit_paths={u.shard_id: u.files[0] for u in run_plan.pending if u.layout == "parquet"},
+    )
+
+
 def _read_settings(**kw: Any) -> ReadSettings:
     return ReadSettings(extensions=AUDIO_EXTENSIONS, max_member_bytes=1 << 20, storage_options={}, **kw)
 
@@ -143,17 +158,7 @@ def test_writer_mirrors_the_tree(tmp_path: Path) -> None:
     run_plan = plan(cfg)
     (unit,) = run_plan.pending
     rows = _read(unit, _read_settings())
-    settings = WriteSettings(
-        output=str(tmp_path / "out"),
-        storage_options={},
-        on_error="passthrough",
-        config_hash="h",
-        target_delta_e=0.5,
-        eps=0.01,
-        layout="files",
-        fingerprints=run_plan.fingerprints,
-    )
-    (summary,) = _write(rows, settings)
+    (summary,) = _write(rows, _write_settings(tmp_path, run_plan, "files"))
     assert summary["failed"] == "" and (summary["ok"], summary["error"]) == (6, 1)
     out = tmp_path / "out"
     manifest = {r["key"]: r for r in pq.read_table(out / f"{unit.shard_id}.parquet").to_pylist()}
@@ -210,18 +215,7 @@ def test_parquet_dataset_round_trips_and_loads_with_datasets(tmp_path: Path) -> 
     (unit,) = run_plan.pending
     assert unit.layout == "parquet" and unit.files == ("data/train-00000-of-00001.parquet",)
     rows = _read(unit, _read_settings())
-    settings = WriteSettings(
-        output=str(tmp_path / "out"),
-        storage_options={},
-        on_error="passthrough",
-        config_hash="h",
-        target_delta_e=0.5,
-        eps=0.01,
-        layout="parquet",
-        unit_paths={unit.shard_id: unit.files[0]},
-        fingerprints=run_plan.fingerprints,
-    )
-    (summary,) = _write(rows, settings)
+    (summary,) = _write(rows, _write_settings(tmp_path, run_plan, "parquet"))
     assert (summary["ok"], summary["error"]) == (3, 1)
     written = tmp_path / "out" / unit.files[0]
     loaded = datasets.load_dataset("parquet", data_files=str(written), split="train")
