@@ -21,7 +21,10 @@ from pipeline.config import ConfigError, PipelineConfig, load_config
 
 # name: (module with build_parser(parser), help); imported only when its command runs.
 EVALUATION_COMMANDS = {
-    "robustness": ("pipeline.evaluation.robustness", "Δe retained under the attack suite (codecs, effects, denoising, chains)"),
+    "robustness": (
+        "pipeline.evaluation.robustness",
+        "Δe retained under the attack suite (codecs, effects, denoising, chains)",
+    ),
     "transfer": ("pipeline.evaluation.transfer", "Δe measured with encoders used and not used for δ"),
     "imitate": ("pipeline.evaluation.imitation", "train clean / protected / noise-control imitators and compare them"),
     "frontier": ("pipeline.evaluation.frontier", "ViSQOL quality vs Δe for a sweep of attack settings"),
