@@ -38,10 +38,13 @@ class Embedder:
         return self.encoder.model(clap_input)[0].float().cpu()
 
 
-def sample_pairs(protected_url: str, clean_url: str, storage_options: dict, count: int, seed: int):
+def sample_pairs(
+    protected_url: str, clean_url: str, storage_options: dict, count: int, seed: int, audio_column: str = "audio"
+):
     """Up to `count` (shard_id, key, clean bytes, protected bytes) of ok items, sampled by seed;
     `clean_url` is the run's input: the folder of the input shards (same shard names as the
-    outputs), the tree's root, or the dataset's root (pipeline.io.pairs.read_pairs)."""
+    outputs), the tree's root, or the dataset's root, whose audio is in `audio_column` (the run's
+    io.audio_column; pipeline.io.pairs.read_pairs)."""
     out = OutputFolder(protected_url, storage_options)
     candidates: list[tuple[str, str, str, str]] = []
     for shard_id in sorted(out.completed()):
@@ -56,7 +59,8 @@ def sample_pairs(protected_url: str, clean_url: str, storage_options: dict, coun
     for shard_id, key, input_member, output_member in chosen:
         by_shard.setdefault(shard_id, []).append((key, input_member, output_member))
     for shard_id, items in sorted(by_shard.items()):
-        found = read_pairs(out, shard_id, clean_url, [(i, o) for _, i, o in items], storage_options)
+        members = [(i, o) for _, i, o in items]
+        found = read_pairs(out, shard_id, clean_url, members, storage_options, audio_column)
         for key, input_member, output_member in items:
             if (input_member, output_member) in found:
                 yield shard_id, key, *found[(input_member, output_member)]

@@ -51,7 +51,9 @@ def measure(
     embedders = {spec: Embedder(cfg, spec) for spec in encoders}
     for protected in protected_urls:
         source = optimised_on(protected, options)
-        for _, key, clean_bytes, prot_bytes in sample_pairs(protected, args.clean, options, count, seed):
+        for _, key, clean_bytes, prot_bytes in sample_pairs(
+            protected, args.clean, options, count, seed, cfg.io.audio_column
+        ):
             clean, prot = decode(clean_bytes), decode(prot_bytes)
             for embed in embedders.values():
                 distance = float(

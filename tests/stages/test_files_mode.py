@@ -76,9 +76,10 @@ def _write(rows: list[dict[str, Any]], settings: WriteSettings) -> list[dict[str
     return [dict(zip(summary, values)) for values in zip(*summary.values())]
 
 
-def _write_settings(tmp_path: Path, run_plan, layout: str) -> WriteSettings:
+def _write_settings(tmp_path: Path, run_plan, layout: str, **kw: Any) -> WriteSettings:
     """A writer of `layout` into tmp_path/out for the units of `run_plan` (passthrough, ε 0.01)."""
     return WriteSettings(
+        **kw,
         output=str(tmp_path / "out"),
         storage_options={},
         on_error="passthrough",
@@ -190,16 +191,16 @@ def test_writer_mirrors_the_tree(tmp_path: Path) -> None:
     assert not (out / "_tmp").exists() or not any((out / "_tmp").rglob("*.*"))
 
 
-def _hf_dataset(path: Path) -> list[bytes]:
-    """A Parquet file as Hugging Face `datasets` writes one (Audio feature + a text column),
-    with one row whose audio is not decodable."""
+def _hf_dataset(path: Path, column: str = "audio") -> list[bytes]:
+    """A Parquet file as Hugging Face `datasets` writes one (Audio feature `column` + a text
+    column), with one row whose audio is not decodable."""
     import datasets
 
     clips = [audio_bytes(1.2, 16000, 1, "FLAC", "PCM_16", seed=i) for i in range(3)] + [b"junk bytes"]
     names = ["a.flac", "b.flac", "c.flac", "d.flac"]
     ds = datasets.Dataset.from_dict(
-        {"audio": [{"bytes": b, "path": n} for b, n in zip(clips, names)], "caption": ["one", "two", "three", "four"]}
-    ).cast_column("audio", datasets.Audio(decode=False))
+        {column: [{"bytes": b, "path": n} for b, n in zip(clips, names)], "caption": ["one", "two", "three", "four"]}
+    ).cast_column(column, datasets.Audio(decode=False))
     path.parent.mkdir(parents=True, exist_ok=True)
     ds.to_parquet(str(path))
     return clips
@@ -209,27 +210,28 @@ def test_parquet_dataset_round_trips_and_loads_with_datasets(tmp_path: Path) -> 
     import datasets
 
     source = tmp_path / "in" / "data" / "train-00000-of-00001.parquet"
-    clips = _hf_dataset(source)
-    cfg = _cfg(tmp_path)
+    clips = _hf_dataset(source, "recording")  # not the default column name: io.audio_column
+    cfg = _cfg(tmp_path, audio_column="recording")
     run_plan = plan(cfg)
     (unit,) = run_plan.pending
     assert unit.layout == "parquet" and unit.files == ("data/train-00000-of-00001.parquet",)
-    rows = _read(unit, _read_settings())
-    (summary,) = _write(rows, _write_settings(tmp_path, run_plan, "parquet"))
+    rows = _read(unit, _read_settings(audio_column="recording"))
+    (summary,) = _write(rows, _write_settings(tmp_path, run_plan, "parquet", audio_column="recording"))
     assert (summary["ok"], summary["error"]) == (3, 1)
     written = tmp_path / "out" / unit.files[0]
     loaded = datasets.load_dataset("parquet", data_files=str(written), split="train")
-    assert loaded.features["audio"] == datasets.Audio(decode=True) or "audio" in loaded.features
-    loaded = loaded.cast_column("audio", datasets.Audio(decode=False))
+    assert isinstance(loaded.features["recording"], datasets.Audio)  # the HF feature kept
+    loaded = loaded.cast_column("recording", datasets.Audio(decode=False))
     assert loaded["caption"] == ["one", "two", "three", "four"]
-    audio = loaded["audio"]
+    audio = loaded["recording"]
     assert audio[3]["bytes"] == clips[3]  # the failed row passes through untouched
     for clean, row in zip(clips[:3], audio[:3]):
         a, b = decode(clean), decode(row["bytes"])
         assert a.samples.shape == b.samples.shape and np.max(np.abs(a.samples - b.samples)) <= 0.01 + 1e-6
     assert pq.read_schema(written).metadata == pq.read_schema(source).metadata  # HF features kept
 
-    pairs = list(sample_pairs(str(tmp_path / "out"), str(tmp_path / "in"), {}, 10, 0))
+    assert list(sample_pairs(str(tmp_path / "out"), str(tmp_path / "in"), {}, 10, 0)) == []  # no 'audio' column
+    pairs = list(sample_pairs(str(tmp_path / "out"), str(tmp_path / "in"), {}, 10, 0, "recording"))
     assert sorted(p[1] for p in pairs) == ["00000000", "00000001", "00000002"]
     assert {p[2] for p in pairs} == set(clips[:3]) and {p[3] for p in pairs} == {a["bytes"] for a in audio[:3]}
 

@@ -199,7 +199,8 @@ def evaluate(
     rows: list[RobustnessRow] = []
     clean_embeddings: dict[str, torch.Tensor] = {}
     for index, (run, url) in enumerate(runs.items()):
-        for shard_id, key, clean_bytes, prot_bytes in sample_pairs(url, clean_url, options, count, seed):
+        pairs = sample_pairs(url, clean_url, options, count, seed, cfg.io.audio_column)
+        for shard_id, key, clean_bytes, prot_bytes in pairs:
             clean, prot = decode(clean_bytes), decode(prot_bytes)
             rate = clean.sample_rate
             clean_w, prot_w = _first_window(clean.samples, rate), _first_window(prot.samples, rate)
