@@ -36,6 +36,7 @@ from pipeline.service.limits import (
     decode_upload,
     max_upload_bytes,
     too_large,
+    within_deadline,
 )
 from pipeline.service.metrics import CONTENT_TYPE, ServiceMetrics
 from pipeline.service.uploads import Delivered, Upload, UploadProtector, figure_headers, json_figures, prepare_upload
@@ -138,13 +139,9 @@ class ProtectService:
         """The protected file (figures in X-* headers), or `?format=json` for figures + base64 audio."""
         started = time.perf_counter()
         try:
-            response = await asyncio.wait_for(self._protect(request, format), self.cfg.service.request_timeout_s)
-        except UploadRejected as rejected:
+            response = await within_deadline(self._protect(request, format), self.cfg.service.request_timeout_s)
+        except UploadRejected as rejected:  # a 4xx, 429 or the 504 of the deadline
             response = self._refuse(rejected)
-        except asyncio.TimeoutError:
-            response = self._refuse(
-                UploadRejected(504, "timeout", f"not done within {self.cfg.service.request_timeout_s:g} s")
-            )
         except Exception:  # never let one request take the replica down
             logger.exception("unexpected error on /protect")
             response = self._refuse(UploadRejected(500, "internal", "unexpected error; see the service log"))

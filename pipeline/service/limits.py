@@ -6,12 +6,15 @@ whose repr, str and pickle never show it; it is compared with hmac.compare_diges
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import io
 import ipaddress
 import math
 import os
+from collections.abc import Awaitable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import soundfile as sf
 
@@ -163,3 +166,15 @@ def busy(pending: int, cfg: ServiceConfig) -> UploadRejected:
     return UploadRejected(
         429, "busy", f"{pending} uploads already pending on this replica; retry later", cfg.retry_after_s
     )
+
+
+T = TypeVar("T")
+
+
+async def within_deadline(work: Awaitable[T], timeout_s: float) -> T:
+    """`await work`, or a 504 UploadRejected after `timeout_s` seconds (the work is cancelled; a
+    PGD call already running in the replica's thread finishes there and its result is dropped)."""
+    try:
+        return await asyncio.wait_for(work, timeout_s)
+    except asyncio.TimeoutError:
+        raise UploadRejected(504, "timeout", f"not done within {timeout_s:g} s") from None

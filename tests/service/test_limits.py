@@ -3,6 +3,7 @@ the bind rule, every kind of bad upload as a clear 4xx, and the JSON error shape
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import pickle
@@ -23,6 +24,7 @@ from pipeline.service.limits import (
     check_declared_length,
     decode_upload,
     is_loopback,
+    within_deadline,
 )
 from tests.factories import audio_bytes
 
@@ -199,3 +201,24 @@ def test_rayservice_app_builder_needs_the_token_off_loopback(monkeypatch, tmp_pa
     assert isinstance(app_builder({"config": str(config), "host": "127.0.0.1"}), Application)
     monkeypatch.setenv(TOKEN_ENV, SECRET)
     assert isinstance(app_builder({"config": str(config), "host": "0.0.0.0"}), Application)
+
+
+def test_work_past_the_deadline_is_a_504_and_cancelled():
+    cancelled = []
+
+    async def slow() -> str:
+        try:
+            await asyncio.sleep(10)
+        except asyncio.CancelledError:
+            cancelled.append(True)
+            raise
+        return "late"
+
+    async def fast() -> str:
+        return "done"
+
+    with pytest.raises(UploadRejected) as refused:
+        asyncio.run(within_deadline(slow(), 0.05))
+    assert refused.value.status == 504 and refused.value.kind == "timeout" and cancelled == [True]
+    assert refused.value.body() == {"error": "timeout", "detail": "not done within 0.05 s"}
+    assert asyncio.run(within_deadline(fast(), 0.05)) == "done"
