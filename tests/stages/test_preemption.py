@@ -1,6 +1,7 @@
 """Issue 17: a lost writer, a second driver, a changed input or a changed config never costs data
 silently. Cheap tests drive the ShardWriter and the driver directly; the `slow` ones SIGKILL real
-Ray worker processes (the shard writer, a protect actor) by PID mid-run with multi-block shards."""
+Ray worker processes (a read task, a protect actor, the shard writer) by PID mid-run with
+multi-block shards, several kills per run (each run costs a minute of Ray start-up and pipeline)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import signal
 import threading
 import time
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -332,19 +334,33 @@ def test_the_heartbeat_keeps_a_lease_alive(tmp_path: Path) -> None:
 # ------------------------------------------------------------------ SIGKILL of real Ray workers
 
 
+WRITER = "MapWorker(MapBatches(ShardWriter))"  # Ray's process titles
+ACTOR = "MapWorker(MapBatches(ProtectActor))"
+READ = "ray::FlatMap(read_shard)"
+
+
+@dataclass
+class Kill:
+    """SIGKILL the first process titled `title`: 4 s after `after` shards committed (so that the
+    writer holds partial shards), or with `at_once` as soon as such a process is seen (a read task
+    lives for a moment only)."""
+
+    title: str
+    after: int = 1
+    at_once: bool = False
+    done: bool = False
+
+
 def _run_with_kills(
     tmp_path: Path,
-    title: str,
-    kills: int,
+    kills: list[Kill],
     durable: bool = True,
-    at_once: bool = False,
     s3: tuple[Any, dict[str, Any], str] | None = None,
 ):
     """A run of 4 shards × 5 keys, one track per call, 64 KiB blocks (every shard reaches the
-    writer in several blocks); SIGKILL the first process titled `title` `kills` times, each 4 s
-    after another shard committed (so that the writer holds partial shards), or with `at_once`
-    as soon as such a process is seen (a read task lives for a moment only). With `s3` =
-    (server, storage settings, bucket prefix) input and output live on that S3 server."""
+    writer in several blocks), with the `kills` of the plan made as their moment comes (in any
+    order). With `s3` = (server, storage settings, bucket prefix) input and output live on that
+    S3 server. Returns (keys, out, summary, the titles killed in order)."""
     import ray
 
     keys = catalog(tmp_path / "in", shards=4, per_shard=5, seconds=1.0)
@@ -376,26 +392,22 @@ def _run_with_kills(
 
     thread = threading.Thread(target=work)
     thread.start()
-    killed, since = 0, {}
+    killed: list[str] = []
+    reached: dict[int, float] = {}  # markers count -> when first seen
     try:
         deadline = time.monotonic() + 400
-        while thread.is_alive() and killed < kills and time.monotonic() < deadline:
-            if at_once:
-                pids = process_ids(title)
+        while thread.is_alive() and not all(k.done for k in kills) and time.monotonic() < deadline:
+            markers = count_markers()
+            reached.setdefault(markers, time.monotonic())
+            for kill in kills:
+                due = kill.at_once or (markers >= kill.after and time.monotonic() - reached[markers] > 4)
+                pids = process_ids(kill.title) if due and not kill.done else []
                 if pids:
                     os.kill(pids[0], signal.SIGKILL)
-                    killed += 1
-                    time.sleep(1.0)  # the next kill hits another attempt, not the same dying process
-                time.sleep(0.01)
-                continue
-            markers = count_markers()
-            if markers > killed:
-                since.setdefault(markers, time.monotonic())
-                pids = process_ids(title)
-                if time.monotonic() - since[markers] > 4 and pids:
-                    os.kill(pids[0], signal.SIGKILL)
-                    killed += 1
-            time.sleep(0.05)
+                    kill.done = True
+                    killed.append(kill.title)
+                    reached[markers] = time.monotonic()  # the next kill comes 4 s later
+            time.sleep(0.01 if any(k.at_once and not k.done for k in kills) else 0.05)
         thread.join(500)
     finally:
         ctx.target_max_block_size = old_block
@@ -404,9 +416,13 @@ def _run_with_kills(
 
 
 @pytest.mark.slow
-def test_sigkill_of_the_shard_writer_with_multi_block_shards_loses_nothing(tmp_path: Path, ray_session) -> None:
-    keys, out, summary, killed = _run_with_kills(tmp_path, "MapWorker(MapBatches(ShardWriter))", kills=2)
-    assert killed == 2
+def test_sigkill_of_a_read_task_a_protect_actor_and_the_writer_loses_nothing(tmp_path: Path, ray_session) -> None:
+    """One run, four kills: a read task mid-read (Ray Data retries it), a protect actor (Ray
+    restarts it and replays the batch in flight) and the shard writer twice while it holds partial
+    multi-block shards (the successor rebuilds them from the spill). Every key exactly once."""
+    plan = [Kill(READ, at_once=True), Kill(ACTOR, after=1), Kill(WRITER, after=1), Kill(WRITER, after=2)]
+    keys, out, summary, killed = _run_with_kills(tmp_path, plan)
+    assert sorted(killed) == sorted([READ, ACTOR, WRITER, WRITER]), killed
     assert summary.failed_shards == []
     assert sorted(p.name for p in out.glob("*.stats.json")) == [f"s-{i:03d}.stats.json" for i in range(4)]
     assert manifest_keys(out) == Counter(keys)  # every key exactly once
@@ -417,33 +433,13 @@ def test_sigkill_of_the_shard_writer_with_multi_block_shards_loses_nothing(tmp_p
 def test_sigkill_of_a_memory_only_writer_is_never_silent(tmp_path: Path, ray_session) -> None:
     """The old in-memory writer loses the partial shards it held; the driver now names them (a
     rerun would redo them): committed + failed = every shard, exactly once."""
-    _, out, summary, killed = _run_with_kills(tmp_path, "MapWorker(MapBatches(ShardWriter))", kills=2, durable=False)
-    assert killed == 2
+    _, out, summary, killed = _run_with_kills(tmp_path, [Kill(WRITER, after=1), Kill(WRITER, after=2)], durable=False)
+    assert killed == [WRITER, WRITER]
     committed = {p.name[: -len(".stats.json")] for p in out.glob("*.stats.json")}
     failed = {shard_id for shard_id, _ in summary.failed_shards}
     assert committed | failed == {f"s-{i:03d}" for i in range(4)} and not committed & failed
     assert sum(manifest_keys(out).values()) == 5 * len(committed)
     assert all(why.startswith("no summary from the shard writer") for _, why in summary.failed_shards)
-
-
-@pytest.mark.slow
-def test_sigkill_of_a_protect_actor_loses_nothing(tmp_path: Path, ray_session) -> None:
-    keys, out, summary, killed = _run_with_kills(tmp_path, "MapWorker(MapBatches(ProtectActor))", kills=1)
-    assert killed == 1
-    assert summary.failed_shards == []
-    assert manifest_keys(out) == Counter(keys)
-    assert not (out / TMP_DIR).exists()
-
-
-@pytest.mark.slow
-def test_sigkill_of_a_read_task_loses_nothing(tmp_path: Path, ray_session) -> None:
-    """The worker running a read task (flat_map read_shard) dies mid-read: Ray Data retries the
-    task, and every key is still written exactly once."""
-    keys, out, summary, killed = _run_with_kills(tmp_path, "ray::FlatMap(read_shard)", kills=2, at_once=True)
-    assert killed >= 1
-    assert summary.failed_shards == []
-    assert manifest_keys(out) == Counter(keys)
-    assert not (out / TMP_DIR).exists() and not (out / LEASE_NAME).exists()
 
 
 # ------------------------------------------------------------------ the same on a real S3 server
@@ -497,18 +493,14 @@ def _s3_storage(server: Any) -> dict[str, Any]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(
-    ("title", "kills"),
-    [("MapWorker(MapBatches(ShardWriter))", 2), ("MapWorker(MapBatches(ProtectActor))", 1)],
-    ids=["shard-writer", "protect-actor"],
-)
-def test_sigkill_on_s3_loses_nothing(s3_store, tmp_path: Path, ray_session, title: str, kills: int) -> None:
-    """The writer (multi-block shards, spill on S3) or a protect actor killed while input and output
-    are on SeaweedFS: every key exactly once, no temp object, no lease left."""
+def test_sigkill_on_s3_loses_nothing(s3_store, tmp_path: Path, ray_session) -> None:
+    """A protect actor and the writer (multi-block shards, spill on S3) killed while input and
+    output are on SeaweedFS: every key exactly once, no temp object, no lease left."""
     server, _ = s3_store
-    prefix = f"lease/kill-{title[22:28].lower()}"
-    keys, _, summary, killed = _run_with_kills(tmp_path, title, kills, s3=(server, _s3_storage(server), prefix))
-    assert killed == kills
+    prefix = "lease/kill"
+    plan = [Kill(ACTOR, after=1), Kill(WRITER, after=1), Kill(WRITER, after=2)]
+    keys, _, summary, killed = _run_with_kills(tmp_path, plan, s3=(server, _s3_storage(server), prefix))
+    assert sorted(killed) == sorted([ACTOR, WRITER, WRITER]), killed
     assert summary.failed_shards == []
     fs = server.filesystem()
     assert _s3_manifest_keys(fs, f"{prefix}/out") == Counter(keys)
