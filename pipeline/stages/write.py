@@ -3,6 +3,7 @@ commits each shard once all its keys have arrived: tar, Parquet manifest, then t
 
 from __future__ import annotations
 
+import bisect
 import json
 import logging
 import time
@@ -373,7 +374,8 @@ class ShardWriter:
         self, shard_id: str, rows: list[dict[str, Any]], manifest: list[ManifestRow], stats: ShardStats
     ) -> None:
         """The input Parquet file again at its path, with each protected row's audio replaced (a
-        failed row keeps its audio under passthrough, is left out under drop), then manifest and marker.
+        failed row keeps its audio under passthrough, is left out under drop, and the manifest's
+        output_member then names each kept row by its new position), then manifest and marker.
         A file that could not be read as a dataset at all is not written (its manifest says why)."""
         readable = not any(r[R.KIND] == R.KIND_SHARD and r[R.STATUS] == SampleStatus.ERROR for r in rows)
         if readable:
@@ -387,6 +389,16 @@ class ShardWriter:
                     replacements[int(row[R.INDEX])] = (row[R.AUDIO_BYTES], row[R.OUT_EXT])
                 elif not entry.written:
                     replacements[int(row[R.INDEX])] = None
+            dropped = sorted(index for index, value in replacements.items() if value is None)
+            if dropped:  # later rows move up: output_member names the row where it now is
+                for row in rows:
+                    entry = entries.get(row[R.KEY])
+                    if row[R.KIND] == R.KIND_SAMPLE and entry is not None and entry.written:
+                        index = int(row[R.INDEX])
+                        ext = entry.output_member.split(".", 1)[1] if "." in entry.output_member else ""
+                        entry.output_member = f"{index - bisect.bisect_left(dropped, index):08d}" + (
+                            f".{ext}" if ext else ""
+                        )
             url = rows[0][R.SHARD_URL]
             data = replace_audio(url, self.settings.storage_options, self.settings.audio_column, replacements)
             self.out.write_atomic(self.settings.unit_paths[shard_id], data)

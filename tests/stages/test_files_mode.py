@@ -79,10 +79,9 @@ def _write(rows: list[dict[str, Any]], settings: WriteSettings) -> list[dict[str
 def _write_settings(tmp_path: Path, run_plan, layout: str, **kw: Any) -> WriteSettings:
     """A writer of `layout` into tmp_path/out for the units of `run_plan` (passthrough, ε 0.01)."""
     return WriteSettings(
-        **kw,
+        **{"on_error": "passthrough", **kw},
         output=str(tmp_path / "out"),
         storage_options={},
-        on_error="passthrough",
         config_hash="h",
         target_delta_e=0.5,
         eps=0.01,
@@ -244,6 +243,40 @@ def test_parquet_dataset_round_trips_and_loads_with_datasets(tmp_path: Path) -> 
 
     missing, problem = read_parquet_samples(str(source), {}, 1 << 20, "sound")
     assert missing == [] and problem.startswith("bad dataset: no column 'sound'")
+
+
+def test_dropped_dataset_rows_keep_the_pairing_exact(tmp_path: Path) -> None:
+    """Under `audio.on_error: drop` a failed row leaves the dataset and later rows move up; the
+    manifest's output_member names each kept row where it now is, so evaluation pairs stay exact."""
+    import datasets
+
+    source = tmp_path / "in" / "train.parquet"
+    clips = [b"junk bytes"] + [audio_bytes(1.0, 16000, 1, "FLAC", "PCM_16", seed=i) for i in range(3)]
+    ds = datasets.Dataset.from_dict({"audio": [{"bytes": b, "path": f"{i}.flac"} for i, b in enumerate(clips)]})
+    ds.cast_column("audio", datasets.Audio(decode=False)).to_parquet(str(source))
+    cfg = _cfg(tmp_path)
+    run_plan = plan(cfg)
+    (unit,) = run_plan.pending
+    (summary,) = _write(_read(unit, _read_settings()), _write_settings(tmp_path, run_plan, "parquet", on_error="drop"))
+    assert (summary["ok"], summary["error"]) == (3, 1)
+    written = pq.read_table(tmp_path / "out" / "train.parquet").column("audio").to_pylist()
+    assert [row["path"] for row in written] == ["1.flac", "2.flac", "3.flac"]  # row 0 dropped
+    manifest = {
+        r["key"]: r["output_member"] for r in pq.read_table(tmp_path / "out" / f"{unit.shard_id}.parquet").to_pylist()
+    }
+    assert manifest == {
+        "00000000": "",
+        "00000001": "00000000.flac",
+        "00000002": "00000001.flac",
+        "00000003": "00000002.flac",
+    }
+    pairs = {
+        key: (clean, prot)
+        for _, key, clean, prot in sample_pairs(str(tmp_path / "out"), str(tmp_path / "in"), {}, 10, 0)
+    }
+    assert sorted(pairs) == ["00000001", "00000002", "00000003"]
+    for key, (clean, prot) in pairs.items():
+        assert clean == clips[int(key)] and prot == written[int(key) - 1]["bytes"]
 
 
 @pytest.mark.slow
