@@ -394,11 +394,9 @@ class ShardWriter:
                 for row in rows:
                     entry = entries.get(row[R.KEY])
                     if row[R.KIND] == R.KIND_SAMPLE and entry is not None and entry.written:
-                        index = int(row[R.INDEX])
-                        ext = entry.output_member.split(".", 1)[1] if "." in entry.output_member else ""
-                        entry.output_member = f"{index - bisect.bisect_left(dropped, index):08d}" + (
-                            f".{ext}" if ext else ""
-                        )
+                        index = int(row[R.INDEX])  # output_member is f"{key}.{ext}", key the input row
+                        new_key = f"{index - bisect.bisect_left(dropped, index):08d}"
+                        entry.output_member = new_key + entry.output_member[len(entry.key) :]
             url = rows[0][R.SHARD_URL]
             data = replace_audio(url, self.settings.storage_options, self.settings.audio_column, replacements)
             self.out.write_atomic(self.settings.unit_paths[shard_id], data)
